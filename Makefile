@@ -1,0 +1,53 @@
+# Every target does its own set-up on a fresh Debian machine; re-running is fast when nothing changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := dataset-fashion-mnist
+CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
+TWIN := checkpoints/static-twin-fmnist.safetensors
+
+.PHONY: setup system-deps test lint train train-twin evaluate clean
+
+setup: $(STAMP) system-deps
+
+# Python packages: torch pinned to the CPU wheel first, then the project with its dev extra.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Debian packages the tests need: installed when root, otherwise named so a person can install them.
+system-deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else \
+	    echo "missing Debian packages: $$missing -- run: sudo apt-get install --no-install-recommends $$missing"; exit 1; \
+	  fi; \
+	fi
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Full training of the shipped checkpoint and its static twin (hours on a 2-core CPU; resumes).
+train: setup
+	$(VENV)/bin/puppet-cnn train --kind puppet --epochs 20 --threads 1 --out $(CHECKPOINT) --resume
+
+train-twin: setup
+	$(VENV)/bin/puppet-cnn train --kind twin --depth-sampling max --epochs 20 --threads 1 --out $(TWIN) --resume
+
+evaluate: setup
+	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --out docs
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,325 @@
+"""Training: every depth stays usable, so any request can be routed to any depth.
+
+Objectives (`depth_sampling`):
+  sandwich  loss at max depth plus loss at a random shallower depth per sample (per-sample exit),
+            about 0.6x the cost of `all` for D_max = 4; the shipped default.
+  all       the head after every depth, losses summed.
+  max       max depth only (the static twin, a traditional CNN).
+
+Runs on one process or under `torchrun` (DDP; gloo on CPU, nccl on CUDA). Each epoch writes a
+servable checkpoint (depth table calibrated on the validation split) and a resumable training state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from model.checkpoint import Checkpoint, Preprocessing, save_checkpoint
+from model.complexity import complexity
+from model.data import Dataset, load_dataset
+from model.depth_policy import DepthPolicy, calibrate
+from model.puppet import Backbone, PuppetConfig, build_model
+
+VERSION_PREFIX = "puppet-cnn"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    kind: str = "puppet"
+    widths: tuple[int, ...] = (16, 32, 64)
+    ranks: tuple[int, ...] = (8, 16, 20)
+    max_depth: int = 4
+    solver: str = "euler"
+    tied: bool = False
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.0
+    depth_sampling: str = "sandwich"
+    augment: bool = True
+    bf16: bool = True  # bf16 autocast: 2x faster on CPUs with AVX512-BF16, and on GPUs
+    seed: int = 0
+    val_size: int = 6000
+    limit: int | None = None  # use only the first `limit` training images (tests, smoke runs)
+    max_steps: int | None = None  # stop after this many optimiser steps in total
+    calibration_bins: int = 8
+    tolerance: float = 0.004
+    threads: int | None = None
+    device: str = "auto"
+    out: str = "checkpoints/puppet-cnn-fmnist.safetensors"
+    resume: bool = False
+    history: list = field(default_factory=list)
+
+
+# -- data helpers -----------------------------------------------------------------------------------
+
+
+def split_train_val(data: Dataset, val_size: int, seed: int) -> tuple[Dataset, Dataset]:
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(data), generator=g)
+    return data.subset(perm[val_size:]), data.subset(perm[:val_size])
+
+
+def augment(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (zero fill) and horizontal flip, per sample. uint8 in/out."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b, 1))
+    ox = torch.randint(0, 2 * pad + 1, (b, 1))
+    rows = (oy + torch.arange(h)).view(b, 1, h, 1)
+    cols = (ox + torch.arange(w)).view(b, 1, 1, w)
+    out = padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+    flip = torch.rand(b) < 0.5
+    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float() / 255.0
+    return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+
+
+def warmup_cosine(total_steps: int, warmup: int):
+    """LR factor: linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# -- objective --------------------------------------------------------------------------------------
+
+
+class Objective(nn.Module):
+    """The training loss as one module, so DDP sees a single forward per step."""
+
+    def __init__(self, model: Backbone, depth_sampling: str, label_smoothing: float):
+        super().__init__()
+        if depth_sampling not in ("sandwich", "all", "max"):
+            raise ValueError(f"depth_sampling must be sandwich, all or max, got {depth_sampling!r}")
+        self.model, self.depth_sampling, self.label_smoothing = model, depth_sampling, label_smoothing
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d_max = self.model.config.max_depth
+        logits = self.model(x, d_max)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if self.depth_sampling == "sandwich" and d_max > 1:
+            shallow = torch.randint(1, d_max, (x.shape[0],), device=x.device)
+            loss = loss + F.cross_entropy(self.model(x, shallow), y, label_smoothing=self.label_smoothing)
+        elif self.depth_sampling == "all":
+            for d in range(1, d_max):
+                loss = loss + F.cross_entropy(self.model(x, d), y, label_smoothing=self.label_smoothing)
+        return loss, logits
+
+
+# -- evaluation helpers used while training ------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_all_depths(
+    model: Backbone, images: torch.Tensor, pre: Preprocessing, batch_size: int = 1000
+) -> torch.Tensor:
+    """Logits at every depth, (D, N, classes), with cached kernels, in eval mode."""
+    model.eval()
+    model.cache_kernels()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = pre.normalise(images[i : i + batch_size].to(device))
+        out.append(torch.stack([model(x, d) for d in range(1, model.config.max_depth + 1)]).cpu())
+    return torch.cat(out, dim=1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
+    """Train (or resume) and return the final checkpoint (rank 0; None on other ranks)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    rank = dist.get_rank() if world > 1 else 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    data = load_dataset(cfg.dataset, "train", Path(cfg.data_dir) if cfg.data_dir else None)
+    if cfg.limit:
+        data = data.subset(slice(0, cfg.limit))
+    train_set, val_set = split_train_val(data, min(cfg.val_size, len(data) // 5), cfg.seed)
+    mean, std = channel_stats(train_set.images)
+    pre = Preprocessing(train_set.images.shape[-1], train_set.images.shape[1], mean, std)
+    arch = PuppetConfig(
+        in_channels=pre.channels,
+        num_classes=len(data.classes),
+        image_size=pre.image_size,
+        widths=tuple(cfg.widths),
+        ranks=tuple(cfg.ranks),
+        max_depth=cfg.max_depth,
+        solver=cfg.solver,
+        tied=cfg.tied,
+    )
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.kind, arch).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "norms" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "norms" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(cfg.epochs * steps_per_epoch, warmup=min(300, steps_per_epoch))
+    )
+
+    out = Path(cfg.out)
+    state_path = out.with_suffix(".state.pt")
+    start_epoch, step, elapsed = 0, 0, 0.0
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
+        cfg.history = json.loads(state["history"])
+        torch.set_rng_state(state["rng"])
+    objective = Objective(model, cfg.depth_sampling, cfg.label_smoothing)
+    runner = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    ckpt = None
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(len(train_set), generator=g)[rank::world]
+        bar = tqdm(
+            range(0, len(perm), cfg.batch_size),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (progress and rank == 0),
+            leave=True,
+        )
+        seen = correct = 0
+        loss_sum = 0.0
+        for i in bar:
+            idx = perm[i : i + cfg.batch_size]
+            images = train_set.images[idx]
+            if cfg.augment:
+                images = augment(images)
+            x, y = pre.normalise(images.to(device)), train_set.labels[idx].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, logits = runner(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        elapsed += time.perf_counter() - t0
+        if _is_main():
+            ckpt = _end_of_epoch(
+                cfg,
+                model,
+                pre,
+                val_set,
+                data.classes,
+                epoch,
+                step,
+                loss_sum / max(seen, 1),
+                correct / max(seen, 1),
+                elapsed,
+            )
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "elapsed": elapsed,
+                    "history": json.dumps(cfg.history),
+                    "rng": torch.get_rng_state(),
+                },
+                state_path,
+            )
+        if world > 1:
+            dist.barrier()
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+    if world > 1:
+        dist.destroy_process_group()
+    return ckpt
+
+
+def _end_of_epoch(cfg, model, pre, val_set, classes, epoch, step, train_loss, train_acc, elapsed) -> Checkpoint:
+    logits = predict_all_depths(model, val_set.images, pre)
+    correct = (logits.argmax(-1) == val_set.labels).T  # (N, D)
+    val_acc = correct.float().mean(0).tolist()
+    h = complexity(val_set.images)
+    if cfg.kind == "puppet":
+        policy = calibrate(h, correct, bins=cfg.calibration_bins, tolerance=cfg.tolerance)
+    else:
+        policy = DepthPolicy.constant(cfg.max_depth)
+    chosen = policy.auto(h)
+    policy_acc = float(correct[torch.arange(len(chosen)), chosen - 1].float().mean())
+    record = {
+        "epoch": epoch + 1,
+        "step": step,
+        "train_loss": round(train_loss, 5),
+        "train_accuracy": round(train_acc, 5),
+        "val_accuracy_by_depth": [round(a, 5) for a in val_acc],
+        "val_accuracy_policy": round(policy_acc, 5),
+        "val_mean_depth": round(float(chosen.float().mean()), 4),
+        "train_seconds": round(elapsed, 1),
+    }
+    cfg.history.append(record)
+    tqdm.write(json.dumps(record))
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("history", "out", "resume", "data_dir")}
+    ckpt = Checkpoint(
+        model=model,
+        kind=cfg.kind,
+        classes=tuple(classes),
+        preprocessing=pre,
+        policy=policy,
+        version=f"{VERSION_PREFIX}-{cfg.kind}-{cfg.dataset}-e{epoch + 1}",
+        dataset=cfg.dataset,
+        recipe=recipe,
+        metrics={"validation": record, "history": cfg.history, "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+    )
+    save_checkpoint(ckpt, cfg.out)
+    return ckpt
