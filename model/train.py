@@ -200,8 +200,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(cfg.epochs * steps_per_epoch, warmup=min(300, steps_per_epoch))
+        opt, warmup_cosine(total_steps, warmup=min(300, max(1, total_steps // 10)))
     )
 
     out = Path(cfg.out)
@@ -275,8 +276,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
                     "history": json.dumps(cfg.history),
                     "rng": torch.get_rng_state(),
                 },
-                state_path,
+                state_path.with_suffix(".tmp"),
             )
+            state_path.with_suffix(".tmp").replace(state_path)  # a crash mid-save keeps the last good state
         if world > 1:
             dist.barrier()
         if cfg.max_steps and step >= cfg.max_steps:
