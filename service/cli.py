@@ -1,4 +1,4 @@
-"""The `puppet-cnn` command: train, evaluate (and, as the service grows, serve, export-onnx, bench)."""
+"""The `puppet-cnn` command: train, evaluate, serve."""
 
 from __future__ import annotations
 
@@ -94,11 +94,41 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve POST /classify with the shipped (or a given) checkpoint")
+    p.add_argument("--checkpoint", default=None, help="overrides PUPPET_CHECKPOINT")
+    p.add_argument("--host", default=None, help="overrides PUPPET_HOST (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="overrides PUPPET_PORT (default 8000)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydantic import ValidationError
+
+    from service.server import serve
+    from service.settings import Settings
+
+    overrides = {k: v for k in ("checkpoint", "host", "port") if (v := getattr(args, k)) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"puppet-cnn serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puppet-cnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -1,0 +1,254 @@
+"""The inference worker: one thread owns the backend; requests queue, batches form without idle waits.
+
+When the worker is free, whatever is waiting goes at once; while it is busy, arrivals accumulate and go
+together, up to `max_batch_size` images. `max_queue_delay` (default 0) only bounds how long a partial
+batch may wait for company. The queue is bounded in images (full -> `QueueFull`); an item whose deadline
+has passed when its batch forms is not run (`DeadlineExceeded`); under load, a request whose estimated
+wait would miss its deadline gets its depth capped instead (reason `degraded`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model import AUTO, CAPPED, DEGRADED, REQUESTED, DepthPolicy
+from service import metrics
+from service.backends import TorchBackend
+
+log = logging.getLogger("puppet.worker")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"the queue is full; retry in {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class Draining(Exception):
+    pass
+
+
+class InferenceFailed(Exception):
+    def __init__(self, error_id: str):
+        super().__init__(f"inference failed (error id {error_id})")
+        self.error_id = error_id
+
+
+@dataclass
+class ImageResult:
+    probabilities: torch.Tensor  # (K,)
+    depth: int
+    reason: str
+    complexity: float
+
+
+@dataclass
+class BatchTimings:
+    queue_s: float
+    inference_s: float
+
+
+@dataclass
+class _Item:
+    images: torch.Tensor  # (n, C, H, W) uint8
+    depth: int | None
+    max_depth: int | None
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    degraded: bool = False
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        backend: TorchBackend,
+        policy: DepthPolicy,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        max_queue_delay_s: float = 0.0,
+        degrade_under_load: bool = True,
+        degrade_depth: int = 1,
+    ):
+        self.backend, self.policy = backend, policy
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.max_queue_delay_s = max_queue_delay_s
+        self.degrade_under_load = degrade_under_load
+        self.degrade_depth = min(degrade_depth, policy.max_depth)
+        self._queue: deque[_Item] = deque()
+        self._queued_images = 0
+        self._busy_images = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seconds_per_image = 0.0  # moving average over batches, for the wait estimate
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="puppet-inference-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is queued, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def estimated_wait_s(self) -> float:
+        return (self._queued_images + self._busy_images) * self._seconds_per_image
+
+    # -- the event loop's side ----------------------------------------------------------------------
+    async def submit(
+        self, images: torch.Tensor, *, depth: int | None, max_depth: int | None, deadline_s: float
+    ) -> tuple[list[ImageResult], BatchTimings]:
+        """Queue one request's images and wait for their results (in request order)."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        item = _Item(images, depth, max_depth, now + deadline_s, loop, loop.create_future())
+        n = len(images)
+        with self._cond:
+            if self._stopping:
+                raise Draining()
+            if self._queued_images + n > self.max_queue:
+                metrics.REJECTIONS.labels("queue_full").inc()
+                raise QueueFull(max(1.0, self.estimated_wait_s()))
+            if self.degrade_under_load and depth is None and self._seconds_per_image > 0:
+                # would the work ahead of this request, plus its own, miss the deadline?
+                if self.estimated_wait_s() + n * self._seconds_per_image > deadline_s:
+                    item.degraded = True
+            self._queue.append(item)
+            self._queued_images += n
+            metrics.QUEUE_LENGTH.set(self._queued_images)
+            self._cond.notify()
+        return await item.future
+
+    # -- the worker thread --------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Item]:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            batch, images = [], 0
+            deadline = time.perf_counter() + self.max_queue_delay_s
+            while True:
+                while self._queue and images + len(self._queue[0].images) <= self.max_batch_size:
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    images += len(item.images)
+                if not batch:  # one request larger than a batch goes alone
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    images += len(item.images)
+                remaining = deadline - time.perf_counter()
+                if images >= self.max_batch_size or remaining <= 0 or (self._queue and images > 0) or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            self._queued_images -= images
+            self._busy_images = images
+            metrics.QUEUE_LENGTH.set(self._queued_images)
+            return batch
+
+    def _run(self) -> None:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                return
+            try:
+                self._process(batch)
+            except Exception:
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("inference failed for a batch of %d requests (error id %s)", len(batch), error_id)
+                for item in batch:
+                    _resolve(item, exc=InferenceFailed(error_id))
+            finally:
+                self._busy_images = 0
+
+    def _process(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        live = []
+        for item in batch:
+            if start > item.deadline:
+                metrics.REJECTIONS.labels("deadline").inc()
+                _resolve(item, exc=DeadlineExceeded())
+            else:
+                live.append(item)
+        if not live:
+            return
+        # uint8 uploads and float [0, 1] tensors (OIP FP32) share one batch as intensities in [0, 1]
+        images = torch.cat(
+            [item.images.float() / 255.0 if item.images.dtype == torch.uint8 else item.images for item in live]
+        )
+        h = self.backend.complexity(images)
+        auto = self.policy.auto(h).tolist()
+        depths, reasons, k = [], [], 0
+        for item in live:
+            for _ in range(len(item.images)):
+                d, reason = auto[k], AUTO
+                if item.depth is not None:
+                    d, reason = item.depth, REQUESTED
+                elif item.degraded and d > self.degrade_depth:
+                    d, reason = self.degrade_depth, DEGRADED
+                elif item.max_depth is not None and d > item.max_depth:
+                    d, reason = item.max_depth, CAPPED
+                depths.append(d)
+                reasons.append(reason)
+                k += 1
+        if not self.backend.kernel_cache:
+            metrics.KERNEL_GENERATION.observe(self.backend.generate_kernels())
+        probs, seconds = self.backend.predict(images, torch.tensor(depths))
+        inference_s = time.perf_counter() - start
+        n = len(images)
+        self._seconds_per_image = (
+            inference_s / n if self._seconds_per_image == 0 else 0.8 * self._seconds_per_image + 0.2 * inference_s / n
+        )
+        metrics.BATCH_SIZE.observe(n)
+        for d, s in seconds.items():
+            metrics.INFERENCE.labels(str(d)).observe(s)
+        for d, reason, c in zip(depths, reasons, h.tolist(), strict=True):
+            metrics.DEPTH_CHOSEN.labels(str(d), reason).inc()
+            metrics.COMPLEXITY.observe(c)
+        k = 0
+        for item in live:
+            m = len(item.images)
+            results = [ImageResult(probs[k + i], depths[k + i], reasons[k + i], float(h[k + i])) for i in range(m)]
+            k += m
+            metrics.QUEUE_WAIT.observe(start - item.enqueued)
+            _resolve(item, result=(results, BatchTimings(start - item.enqueued, inference_s)))
+
+
+def _resolve(item: _Item, *, result=None, exc: Exception | None = None) -> None:
+    def settle():
+        if item.future.done():  # the client went away
+            return
+        if exc is not None:
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(result)
+
+    item.loop.call_soon_threadsafe(settle)

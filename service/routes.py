@@ -1,0 +1,195 @@
+"""HTTP routes: POST /classify, health, model description, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import metrics
+from service.app import ServiceState
+from service.batcher import BatchTimings, DeadlineExceeded, Draining, ImageResult, InferenceFailed, QueueFull
+from service.errors import ApiError
+from service.imaging import ImageError, decode
+from service.requests import images_and_options, parse_depth, parse_top_k
+from service.schemas import ClassifyResponse, ErrorResponse, ModelInfo
+
+router = APIRouter()
+INLINE_DECODE_BYTES = 256 * 1024  # smaller images decode on the event loop; larger ones in a thread
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def ready_state(request: Request) -> ServiceState:
+    state = get_state(request)
+    if not state.ready or state.batcher is None:
+        raise ApiError(503, "not_ready", "the model is still loading or the service is draining", {"Retry-After": "1"})
+    return state
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+ReadyState = Annotated[ServiceState, Depends(ready_state)]
+
+
+async def decode_all(state: ServiceState, blobs: list[bytes]) -> torch.Tensor:
+    """Decode every image (in order) to one uint8 batch; 4xx naming the image that failed."""
+    pre, limit = state.ckpt.preprocessing, state.settings.max_pixels
+    out = []
+    for i, blob in enumerate(blobs):
+        try:
+            if len(blob) <= INLINE_DECODE_BYTES:
+                out.append(decode(blob, pre, max_pixels=limit))
+            else:
+                out.append(await asyncio.to_thread(decode, blob, pre, max_pixels=limit))
+        except ImageError as e:
+            metrics.REJECTIONS.labels("bad_input").inc()
+            where = f"image {i}: " if len(blobs) > 1 else ""
+            raise ApiError(e.status, e.code, where + e.message) from None
+    return torch.stack(out)
+
+
+async def infer(
+    state: ServiceState, images: torch.Tensor, *, depth: int | None, max_depth: int | None
+) -> tuple[list[ImageResult], BatchTimings]:
+    """Through the worker, mapping its refusals to HTTP errors."""
+    s = state.settings
+    try:
+        return await state.batcher.submit(
+            images, depth=depth, max_depth=max_depth, deadline_s=s.request_deadline_ms / 1000
+        )
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
+    except DeadlineExceeded:
+        raise ApiError(
+            504,
+            "deadline_exceeded",
+            f"the request waited longer than its deadline of {s.request_deadline_ms:.0f} ms and was not run",
+        ) from None
+    except Draining:
+        raise ApiError(503, "draining", "the service is shutting down", {"Retry-After": "1"}) from None
+    except InferenceFailed as e:
+        raise ApiError(
+            500, "inference_failed", f"{e}; the error is logged under this id", {"X-Error-Id": e.error_id}
+        ) from None
+
+
+def top_k(probabilities: torch.Tensor, k: int, classes: tuple[str, ...]) -> list[dict]:
+    values, indices = probabilities.topk(k)
+    return [
+        {"label": classes[i], "class_id": i, "probability": round(float(v), 7)}
+        for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses={
+        400: {"model": ErrorResponse},
+        413: {"model": ErrorResponse},
+        415: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        429: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+        504: {"model": ErrorResponse},
+    },
+    summary="Classify one or more images",
+    description=(
+        "Send a raw image body (image/png, image/jpeg, image/webp, image/bmp, image/gif), a multipart upload "
+        '(`file`, or several `files`), or JSON `{"image": base64}` / `{"images": [...]}`. Options as query '
+        "parameters or JSON fields: `top_k`, `depth` (`auto` or 1..D_max), `max_depth`."
+    ),
+)
+async def classify(request: Request, state: ReadyState) -> JSONResponse:
+    t0 = time.perf_counter()
+    s, ckpt = state.settings, state.ckpt
+    d_max = ckpt.config.max_depth
+    blobs, options = await images_and_options(request, s.max_upload_bytes, s.max_images_per_request)
+    k = parse_top_k(options["top_k"], s.default_top_k, len(ckpt.classes))
+    depth = parse_depth(options["depth"], d_max)
+    max_depth = parse_depth(options["max_depth"], d_max, "max_depth")
+    images = await decode_all(state, blobs)
+    t_pre = time.perf_counter()
+    metrics.PREPROCESS.observe(t_pre - t0)
+    results, timings = await infer(state, images, depth=depth, max_depth=max_depth)
+    total = time.perf_counter() - t0
+    body = {
+        "results": [
+            {
+                "predictions": top_k(r.probabilities, k, ckpt.classes),
+                "depth": r.depth,
+                "depth_reason": r.reason,
+                "complexity": round(r.complexity, 5),
+                "max_depth": d_max,
+            }
+            for r in results
+        ],
+        "model_version": ckpt.version,
+        "timings_ms": {
+            "queue": round(timings.queue_s * 1000, 3),
+            "preprocess": round((t_pre - t0) * 1000, 3),
+            "inference": round(timings.inference_s * 1000, 3),
+            "total": round(total * 1000, 3),
+        },
+    }
+    server_timing = f"queue;dur={timings.queue_s * 1000:.3f}, preprocess;dur={(t_pre - t0) * 1000:.3f}, inference;dur={timings.inference_s * 1000:.3f}, total;dur={total * 1000:.3f}"
+    return JSONResponse(body, headers={"Server-Timing": server_timing})
+
+
+@router.get("/health/live", summary="The process is up")
+async def live() -> dict:
+    return {"status": "live"}
+
+
+@router.get(
+    "/health/ready", summary="Loaded, warm and not draining (503 otherwise)", responses={503: {"model": ErrorResponse}}
+)
+async def ready(state: State) -> JSONResponse:
+    if state.ready and not state.draining and state.batcher is not None and state.batcher.alive:
+        return JSONResponse({"status": "ready"})
+    reason = "draining" if state.draining else "loading"
+    return JSONResponse({"error": {"code": "not_ready", "message": f"not ready: {reason}"}}, status_code=503)
+
+
+def model_info(state: ServiceState) -> dict:
+    ckpt, backend = state.ckpt, state.backend
+    pre, policy = ckpt.preprocessing, ckpt.policy
+    return {
+        "name": "puppet-cnn",
+        "version": ckpt.version,
+        "classes": list(ckpt.classes),
+        "preprocessing": {
+            "input_size": [pre.image_size, pre.image_size],
+            "channels": pre.channels,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+        },
+        "depths": list(range(1, ckpt.config.max_depth + 1)),
+        "max_depth": ckpt.config.max_depth,
+        "depth_table": {"edges": list(policy.edges), "depths": list(policy.depths), "tolerance": policy.tolerance},
+        "stored_parameters": ckpt.model.stored_parameters(),
+        "backend": backend.name,
+        "provider": backend.provider,
+        "device": str(backend.device),
+        "checkpoint_sha256": ckpt.sha256,
+        "dataset": ckpt.dataset,
+    }
+
+
+@router.get(
+    "/v1/model", response_model=ModelInfo, summary="The loaded model: classes, preprocessing, depth table, backend"
+)
+async def describe_model(state: ReadyState) -> dict:
+    return model_info(state)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

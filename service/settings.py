@@ -1,0 +1,53 @@
+"""Serving settings, read from PUPPET_* environment variables and validated at start-up.
+
+Architecture, class names, preprocessing and the depth table are not here: they travel in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "puppet-cnn-fmnist.safetensors"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PUPPET_", extra="forbid")
+
+    checkpoint: Path = Field(SHIPPED_CHECKPOINT, description="model checkpoint (.safetensors)")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    backend: Literal["torch"] = "torch"
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call")
+    max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, description="how long a partial batch may wait for more")
+    max_queue: int = Field(256, ge=1, description="images waiting at most; more get 429")
+    request_deadline_ms: float = Field(2000.0, gt=0, description="a request not started by then gets 504")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height above which an image is refused unread")
+    max_images_per_request: int = Field(64, ge=1)
+    default_top_k: int = Field(5, ge=1)
+    kernel_cache: bool = Field(True, description="generate kernels once; off regenerates them per batch")
+    degrade_under_load: bool = Field(True, description="cap the depth instead of missing the deadline")
+    degrade_depth: int = Field(1, ge=1, description="the depth cap applied under load")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads of the inference worker")
+    drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _checkpoint_exists(self) -> Settings:
+        if not self.checkpoint.is_file():
+            raise ValueError(f"checkpoint {self.checkpoint} does not exist (PUPPET_CHECKPOINT)")
+        if self.max_queue < self.max_batch_size:
+            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_batch_size ({self.max_batch_size})")
+        return self

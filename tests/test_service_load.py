@@ -1,0 +1,129 @@
+"""Overload behaviour: 429 when the queue is full, 504 past the deadline, degraded depth, readiness, drain."""
+
+import concurrent.futures as cf
+import signal
+import time
+
+import httpx
+import pytest
+from live_server import LiveServer
+
+from model import load_dataset
+from model.data import encode_png
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    data = load_dataset("fashion-mnist", "test").subset(slice(0, 16))
+    return [encode_png(img) for img in data.images]
+
+
+def _burst(url, pngs, n, *, workers=32, params=None, files_per_request=1):
+    def one(i):
+        if files_per_request == 1:
+            return httpx.post(
+                url + "/classify",
+                content=pngs[i % len(pngs)],
+                headers={"Content-Type": "image/png"},
+                params=params,
+                timeout=60,
+            )
+        files = [("files", (f"{j}.png", pngs[j % len(pngs)], "image/png")) for j in range(files_per_request)]
+        return httpx.post(url + "/classify", files=files, params=params, timeout=60)
+
+    with cf.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_queue_full_is_429_with_retry_after(pngs):
+    s = LiveServer(max_batch_size=1, max_queue=1, degrade_under_load="false")
+    try:
+        before = s.metric("puppet_rejections_total", reason="queue_full")
+        answers = _burst(s.url, pngs, 64, params={"depth": 4})
+        statuses = [r.status_code for r in answers]
+        assert set(statuses) <= {200, 429}
+        rejected = [r for r in answers if r.status_code == 429]
+        assert rejected and statuses.count(200) >= 1
+        assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full" for r in rejected)
+        assert s.metric("puppet_rejections_total", reason="queue_full") - before == len(rejected)
+        assert s.metric("puppet_requests_total", route="/classify", status="429") == len(rejected)
+    finally:
+        s.stop()
+
+
+def test_past_the_deadline_is_504_and_not_run(pngs):
+    s = LiveServer(max_batch_size=1, request_deadline_ms=2, degrade_under_load="false")
+    try:
+        images_before = s.metric("puppet_batch_size_images_sum")
+        answers = _burst(s.url, pngs, 48, params={"depth": 4})
+        statuses = [r.status_code for r in answers]
+        assert set(statuses) <= {200, 504} and statuses.count(504) >= 1
+        assert all(r.json()["error"]["code"] == "deadline_exceeded" for r in answers if r.status_code == 504)
+        assert s.metric("puppet_rejections_total", reason="deadline") == statuses.count(504)
+        # requests past their deadline never reached the model
+        assert s.metric("puppet_batch_size_images_sum") - images_before == statuses.count(200)
+    finally:
+        s.stop()
+
+
+def test_degrade_under_load_caps_the_depth(pngs):
+    s = LiveServer(max_batch_size=2, request_deadline_ms=40, degrade_under_load="true", degrade_depth=1)
+    try:
+        _burst(s.url, pngs, 8)  # teach the worker its speed
+        before = s.metric("puppet_depth_chosen_total", depth="1", reason="degraded")
+        answers = _burst(s.url, pngs, 96, workers=48, files_per_request=2)
+        ok = [r.json() for r in answers if r.status_code == 200]
+        assert {r.status_code for r in answers} <= {200, 504}
+        reasons = [res["depth_reason"] for body in ok for res in body["results"]]
+        degraded = [res for body in ok for res in body["results"] if res["depth_reason"] == "degraded"]
+        assert degraded, f"no degraded answers under load: {set(reasons)}"
+        assert all(res["depth"] == 1 for res in degraded)
+        assert s.metric("puppet_depth_chosen_total", depth="1", reason="degraded") - before == len(degraded)
+    finally:
+        s.stop()
+
+
+def test_not_ready_before_the_model_is_loaded():
+    import asyncio
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    async def probe():
+        app = create_app(Settings())  # the lifespan has not run: nothing is loaded yet
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return (
+                await client.get("/health/ready"),
+                await client.get("/v2/health/ready"),
+                await client.post("/classify", content=b"x", headers={"Content-Type": "image/png"}),
+                await client.get("/health/live"),
+            )
+
+    ready, v2_ready, classify, live = asyncio.run(probe())
+    assert ready.status_code == 503 and v2_ready.status_code == 503
+    assert classify.status_code == 503 and classify.json()["error"]["code"] == "not_ready"
+    assert live.status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(pngs):
+    s = LiveServer(max_batch_size=8, max_queue=1024, drain_timeout_s=20)
+    with cf.ThreadPoolExecutor(16) as pool:
+        in_flight = [
+            pool.submit(_burst, s.url, pngs, 1, workers=1, params={"depth": 4}, files_per_request=64) for _ in range(12)
+        ]
+        deadline = time.monotonic() + 10
+        while s.metric("puppet_in_flight_requests") < 13 and time.monotonic() < deadline:  # 12 + this scrape
+            time.sleep(0.01)
+        assert s.metric("puppet_in_flight_requests") >= 2, "the requests should still be in flight"
+        t_signal = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        ready = httpx.get(s.url + "/health/ready")
+        new = httpx.post(s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"})
+        answers = [f.result()[0] for f in in_flight]
+    rc = s.proc.wait(timeout=30)
+    assert ready.status_code == 503
+    assert new.status_code == 503 and new.json()["error"]["code"] == "draining"
+    assert [r.status_code for r in answers] == [200] * 12, "every accepted request finishes"
+    assert all(len(r.json()["results"]) == 64 for r in answers)
+    assert rc == 0 and time.monotonic() - t_signal < 20
