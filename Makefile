@@ -4,11 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := dataset-fashion-mnist
+DEB_PACKAGES := dataset-fashion-mnist wrk
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
 
-.PHONY: setup system-deps test lint train train-twin evaluate clean
+.PHONY: setup system-deps test lint serve bench train train-twin evaluate clean
 
 setup: $(STAMP) system-deps
 
@@ -30,6 +30,15 @@ system-deps:
 	    echo "missing Debian packages: $$missing -- run: sudo apt-get install --no-install-recommends $$missing"; exit 1; \
 	  fi; \
 	fi
+
+# glibc keeps activation buffers mapped between batches; one torch thread (the other core runs HTTP)
+SERVE_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_TOP_PAD_=67108864
+
+serve: setup
+	$(SERVE_ENV) $(VENV)/bin/puppet-cnn serve
+
+bench: setup
+	$(VENV)/bin/puppet-cnn bench --out docs/benchmarks-service.json
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,8 @@ class TorchBackend:
     Args:
         ckpt: the loaded checkpoint (its model is moved to `device`).
         device: where the model runs.
-        kernel_cache: generate every depth's kernels once; if false, regenerate them for every call.
+        kernel_cache: generate every depth's kernels once; if false, the worker regenerates them for every
+            batch (`generate_kernels`), which measures what the cache saves.
     """
 
     name = "torch"
@@ -58,8 +59,6 @@ class TorchBackend:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, dict[int, float]]:
         """Softmax probabilities for uint8 images (N, C, H, W) at per-image depths (N,)."""
-        if not self.kernel_cache:
-            self.model.clear_kernel_cache()
         probs = torch.empty(len(images), self.ckpt.config.num_classes)
         seconds: dict[int, float] = {}
         x_all = images.to(self.device, non_blocking=True)

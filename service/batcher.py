@@ -228,6 +228,8 @@ class Batcher:
             inference_s / n if self._seconds_per_image == 0 else 0.8 * self._seconds_per_image + 0.2 * inference_s / n
         )
         metrics.BATCH_SIZE.observe(n)
+        if (mem := self.backend.device_memory_bytes()) is not None:
+            metrics.DEVICE_MEMORY.labels(str(self.backend.device)).set(mem)
         for d, s in seconds.items():
             metrics.INFERENCE.labels(str(d)).observe(s)
         for d, reason, c in zip(depths, reasons, h.tolist(), strict=True):

@@ -1,4 +1,4 @@
-"""The `puppet-cnn` command: train, evaluate, serve."""
+"""The `puppet-cnn` command: train, evaluate, serve, bench."""
 
 from __future__ import annotations
 
@@ -123,12 +123,28 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="bounded wrk load on loopback: batching on/off, auto depth vs max depth")
+    p.add_argument("--concurrency", type=_ints, default=(1, 8, 32, 64), help="e.g. 1,8,32,64")
+    p.add_argument("--seconds", type=int, default=8, help="length of one measured run")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per system and concurrency")
+    p.add_argument("--out", default="docs/benchmarks-service.json")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from service.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puppet-cnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
     _add_serve(sub)
+    _add_bench(sub)
     return parser
 
 

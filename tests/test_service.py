@@ -280,3 +280,33 @@ def test_oip_bad_tensors_are_400(server, tensor):
     assert r.status_code == 400, r.text
     assert isinstance(r.json()["error"], str)
     assert httpx.post(server.url + "/v2/models/other/infer", json={"inputs": [tensor]}).status_code == 404
+
+
+def test_start_up_metrics(server, offline):
+    assert server.metric("puppet_ready") == 1
+    labels = {
+        "version": offline.version,
+        "backend": "torch",
+        "device": "cpu",
+        "max_depth": "4",
+        "sha256": offline.sha256[:12],
+    }
+    assert server.metric("puppet_model_info", **labels) == 1
+    assert server.metric("puppet_kernel_generation_seconds_count") == 1  # once, at start-up: the cache serves the rest
+    assert server.metric("puppet_model_load_seconds") > 0 and server.metric("puppet_warmup_seconds") > 0
+
+
+def test_without_the_kernel_cache_answers_are_the_same_and_kernels_are_regenerated_per_batch(server, test_images):
+    _, pngs = test_images
+    s = LiveServer(kernel_cache="false")
+    try:
+        before = s.metric("puppet_kernel_generation_seconds_count")
+        for png in pngs[:5]:
+            a = _classify_png(s.url, png, top_k=3).json()["results"][0]
+            b = _classify_png(server.url, png, top_k=3).json()["results"][0]
+            assert a["depth"] == b["depth"]
+            for x, y in zip(a["predictions"], b["predictions"], strict=True):
+                assert x["class_id"] == y["class_id"] and x["probability"] == pytest.approx(y["probability"], abs=1e-5)
+        assert s.metric("puppet_kernel_generation_seconds_count") - before == 5
+    finally:
+        s.stop()
