@@ -14,8 +14,9 @@ import torch
 from fastapi import FastAPI
 
 from model import Checkpoint, load_checkpoint
+from model.onnx_export import ensure_export, verified_export
 from service import metrics
-from service.backends import TorchBackend, resolve_device
+from service.backends import OnnxBackend, TorchBackend, resolve_device
 from service.batcher import Batcher
 from service.errors import error_response, install_error_handlers
 from service.settings import Settings
@@ -41,6 +42,24 @@ class ServiceState:
         metrics.READY.set(1 if value else 0)
 
 
+def make_backend(s: Settings, ckpt: Checkpoint, device: torch.device) -> TorchBackend:
+    if s.backend == "torch":
+        return TorchBackend(ckpt, device, kernel_cache=s.kernel_cache)
+    if s.onnx_dir is not None:  # supplied pre-built: serve it only if it matches this checkpoint
+        files = verified_export(ckpt, s.onnx_dir)
+    else:  # made here on first start, reused while the checkpoint is unchanged
+        files = ensure_export(ckpt, s.onnx_cache_dir / ckpt.sha256[:16])
+    return OnnxBackend(
+        ckpt,
+        device,
+        files,
+        threads=s.torch_threads,
+        providers=tuple(p.strip() for p in s.onnx_providers.split(",") if p.strip()),
+        trt_fp16=s.onnx_trt_fp16,
+        trt_cache_dir=str(s.onnx_trt_cache_dir) if s.onnx_trt_cache_dir else None,
+    )
+
+
 def load_service(state: ServiceState) -> None:
     """Load the checkpoint onto the worker's device, cache kernels, warm every depth, start the worker."""
     s = state.settings
@@ -49,11 +68,11 @@ def load_service(state: ServiceState) -> None:
     device = resolve_device(s.device)
     ckpt = load_checkpoint(s.checkpoint, device)
     metrics.LOAD_SECONDS.set(time.perf_counter() - t0)
-    backend = TorchBackend(ckpt, device, kernel_cache=s.kernel_cache)
+    backend = make_backend(s, ckpt, device)
     metrics.KERNEL_GENERATION.observe(backend.generate_kernels())
     metrics.WARMUP_SECONDS.set(backend.warmup(batch_sizes=(1, min(8, s.max_batch_size), s.max_batch_size)))
     metrics.MODEL_INFO.labels(
-        ckpt.version, backend.name, str(device), str(ckpt.config.max_depth), ckpt.sha256[:12]
+        ckpt.version, backend.name, backend.provider, str(device), str(ckpt.config.max_depth), ckpt.sha256[:12]
     ).set(1)
     if (mem := backend.device_memory_bytes()) is not None:
         metrics.DEVICE_MEMORY.labels(str(device)).set(mem)

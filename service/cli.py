@@ -1,4 +1,4 @@
-"""The `puppet-cnn` command: train, evaluate, serve, bench."""
+"""The `puppet-cnn` command: train, evaluate, serve, export-onnx, bench."""
 
 from __future__ import annotations
 
@@ -123,6 +123,27 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-onnx", help="one ONNX graph per depth, kernels folded in, plus a manifest tied to the checkpoint"
+    )
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument(
+        "--out", required=True, help="output directory (serve it with PUPPET_BACKEND=onnx PUPPET_ONNX_DIR=...)"
+    )
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from model import load_checkpoint
+    from model.onnx_export import export_onnx
+
+    manifest = export_onnx(load_checkpoint(args.checkpoint), args.out, opset=args.opset)
+    print(f"wrote {manifest.parent}/depth-*.onnx and {manifest}")
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="bounded wrk load on loopback: batching on/off, auto depth vs max depth")
     p.add_argument("--concurrency", type=_ints, default=(1, 8, 32, 64), help="e.g. 1,8,32,64")
@@ -144,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_serve(sub)
+    _add_export(sub)
     _add_bench(sub)
     return parser
 

@@ -38,7 +38,9 @@ KERNEL_GENERATION = Histogram(
     "puppet_kernel_generation_seconds", "generating every depth's kernels", buckets=FAST_BUCKETS
 )
 MODEL_INFO = Gauge(
-    "puppet_model_info", "the loaded model (value 1)", ["version", "backend", "device", "max_depth", "sha256"]
+    "puppet_model_info",
+    "the loaded model (value 1)",
+    ["version", "backend", "provider", "device", "max_depth", "sha256"],
 )
 READY = Gauge("puppet_ready", "1 when loaded, warm and not draining")
 LOAD_SECONDS = Gauge("puppet_model_load_seconds", "checkpoint load time at start-up")

@@ -132,6 +132,7 @@ async def classify(request: Request, state: ReadyState) -> JSONResponse:
             for r in results
         ],
         "model_version": ckpt.version,
+        "backend": {"name": state.backend.name, "provider": state.backend.provider},
         "timings_ms": {
             "queue": round(timings.queue_s * 1000, 3),
             "preprocess": round((t_pre - t0) * 1000, 3),

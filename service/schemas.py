@@ -37,9 +37,15 @@ class Timings(BaseModel):
     total: float
 
 
+class BackendInfo(BaseModel):
+    name: Literal["torch", "onnx"]
+    provider: str = Field(examples=["torch-cpu", "CPUExecutionProvider", "CUDAExecutionProvider"])
+
+
 class ClassifyResponse(BaseModel):
     results: list[ImageClassification] = Field(description="one entry per image, in request order")
     model_version: str
+    backend: BackendInfo
     timings_ms: Timings
 
 

@@ -5,6 +5,7 @@ Architecture, class names, preprocessing and the depth table are not here: they 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,20 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "onnx"] = Field("torch", description="torch, or onnx (onnxruntime, one graph per depth)")
+    onnx_dir: Path | None = Field(
+        None, description="a pre-built export (puppet-cnn export-onnx); refused if stale or corrupt"
+    )
+    onnx_cache_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "puppet-cnn-onnx",
+        description="where exports made at start-up are cached, per checkpoint hash",
+    )
+    onnx_providers: str = Field(
+        "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
+        description="preference order; unavailable ones are skipped",
+    )
+    onnx_trt_fp16: bool = Field(False, description="TensorRT: build FP16 engines")
+    onnx_trt_cache_dir: Path | None = Field(None, description="TensorRT: engine cache directory")
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call")
     max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, description="how long a partial batch may wait for more")
     max_queue: int = Field(256, ge=1, description="images waiting at most; more get 429")

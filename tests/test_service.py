@@ -287,6 +287,7 @@ def test_start_up_metrics(server, offline):
     labels = {
         "version": offline.version,
         "backend": "torch",
+        "provider": "torch-cpu",
         "device": "cpu",
         "max_depth": "4",
         "sha256": offline.sha256[:12],

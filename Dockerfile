@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1
+# Puppet-CNN Serve. Default: NVIDIA GPU image (CUDA runtime base, CUDA torch, onnxruntime-gpu).
+# CPU-only image: docker build --build-arg BASE_IMAGE=python:3.11-slim-bookworm --build-arg VARIANT=cpu .
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+FROM ${BASE_IMAGE} AS base
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# The CUDA base has no Python; the python:*-slim base has it already.
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv, ensurepip" >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+# --- dependencies, in their own layer: rebuilt only when pyproject.toml changes -------------------------
+FROM base AS deps
+ARG VARIANT=gpu
+WORKDIR /build
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml README.md ./
+# Empty packages let pip resolve the project's dependencies without its source.
+# CPU: the CPU wheel of torch (no multi-GB CUDA build). GPU: PyPI's CUDA torch, onnxruntime-gpu instead of onnxruntime.
+RUN mkdir -p model service && touch model/__init__.py service/__init__.py \
+ && if [ "$VARIANT" = "cpu" ]; then pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi \
+ && pip install . \
+ && pip uninstall -y puppet-cnn-serve \
+ && if [ "$VARIANT" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18,<2"; fi
+
+# --- runtime -------------------------------------------------------------------------------------------
+FROM base AS runtime
+ARG VARIANT=gpu
+LABEL org.opencontainers.image.title="puppet-cnn-serve" \
+      org.opencontainers.image.description="Adaptive-depth Puppet-CNN inference service (${VARIANT})"
+RUN groupadd --system --gid 10001 puppet && useradd --system --uid 10001 --gid puppet --home-dir /app --no-create-home puppet
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+COPY model ./model
+COPY service ./service
+COPY checkpoints/puppet-cnn-fmnist.safetensors ./checkpoints/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PUPPET_HOST=0.0.0.0 \
+    PUPPET_PORT=8000 \
+    PUPPET_DEVICE=auto \
+    PUPPET_CHECKPOINT=/app/checkpoints/puppet-cnn-fmnist.safetensors \
+    OMP_NUM_THREADS=1 \
+    MKL_NUM_THREADS=1 \
+    MALLOC_MMAP_THRESHOLD_=268435456 \
+    MALLOC_TRIM_THRESHOLD_=268435456 \
+    MALLOC_TOP_PAD_=67108864
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["python3", "-m", "service.cli", "serve"]
