@@ -195,11 +195,15 @@ def bench(
     }
 
 
-SERVICE_SYSTEMS = [
-    System("batching, auto depth", {"max_batch_size": "32"}),
-    System("no batching, auto depth", {"max_batch_size": "1"}),
-    System("batching, depth 4", {"max_batch_size": "32"}, query="?depth=4"),
-]
+def service_systems(backend: str) -> list[System]:
+    extra = {"backend": backend}
+    return [
+        System(f"{backend}: batching, auto depth", {**extra, "max_batch_size": "32"}),
+        System(f"{backend}: no batching, auto depth", {**extra, "max_batch_size": "1"}),
+        System(f"{backend}: batching, depth 4", {**extra, "max_batch_size": "32"}, query="?depth=4"),
+    ]
+
+
 COMMON = {"degrade_under_load": "false", "max_queue": "4096", "request_deadline_ms": "30000"}
 
 
@@ -221,24 +225,105 @@ def render(report: dict) -> str:
 
 
 def main(args) -> int:
-    systems = [System(s.name, {**COMMON, **s.settings}, s.query) for s in SERVICE_SYSTEMS]
+    if args.models:
+        report = bench_models(args.checkpoint)
+        out = args.out if args.out != "docs/benchmarks-service.json" else "docs/benchmarks-models.json"
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    systems = [System(s.name, {**COMMON, **s.settings}, s.query) for b in backends for s in service_systems(b)]
     report = bench(systems, args.concurrency, seconds=args.seconds, repeats=args.repeats)
     res = report["results"]
     ratios = {}
-    for c in args.concurrency:
-        b, nb, d4 = res["batching, auto depth"][c], res["no batching, auto depth"][c], res["batching, depth 4"][c]
-        ratios[c] = {
-            "batching_vs_none_throughput": b["rps"] / nb["rps"],
-            "batching_vs_none_p50": b["p50_ms"] / nb["p50_ms"],
-            "auto_vs_depth4_throughput": b["rps"] / d4["rps"],
-        }
+    for b in backends:
+        for c in args.concurrency:
+            batching, none, deep = (
+                res[f"{b}: {n}"][c] for n in ("batching, auto depth", "no batching, auto depth", "batching, depth 4")
+            )
+            ratios[f"{b} c={c}"] = {
+                "batching_vs_none_throughput": batching["rps"] / none["rps"],
+                "batching_vs_none_p50": batching["p50_ms"] / none["p50_ms"],
+                "auto_vs_depth4_throughput": batching["rps"] / deep["rps"],
+            }
+    if "torch" in backends and "onnx" in backends:
+        for c in args.concurrency:
+            ratios[f"onnx/torch c={c}"] = {
+                "throughput": res["onnx: batching, auto depth"][c]["rps"] / res["torch: batching, auto depth"][c]["rps"]
+            }
     report["ratios"] = ratios
     print(render(report))
-    for c, r in ratios.items():
-        print(
-            f"c={c}: batching/none throughput {r['batching_vs_none_throughput']:.2f}x, p50 ratio {r['batching_vs_none_p50']:.2f}; auto/depth-4 throughput {r['auto_vs_depth4_throughput']:.2f}x"
-        )
+    for key, r in ratios.items():
+        print(key, " ".join(f"{k} {v:.2f}" for k, v in r.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def bench_models(checkpoint: str, *, batches=(1, 8, 32, 128), repeats: int = 7, min_seconds: float = 0.2) -> dict:
+    """Model-only latency, torch eager (cached kernels) against onnxruntime, per depth and batch size, one thread.
+
+    The two run alternately inside each repeat so drift cancels; the figure is the median over repeats.
+    """
+    import tempfile as _tempfile
+
+    import onnxruntime as ort
+    import torch
+
+    from model import load_checkpoint
+    from model.onnx_export import export_onnx, verified_export
+
+    torch.set_num_threads(1)
+    ckpt = load_checkpoint(checkpoint)
+    ckpt.model.cache_kernels()
+    with _tempfile.TemporaryDirectory() as tmp:
+        export_onnx(ckpt, tmp)
+        files = verified_export(ckpt, tmp)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sessions = {
+            d: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for d, p in files.items()
+        }
+        pre = ckpt.preprocessing
+        rows = []
+        for d in sorted(sessions):
+            for b in batches:
+                x = torch.randn(b, pre.channels, pre.image_size, pre.image_size)
+                xn = x.numpy()
+
+                def run_torch(x=x, d=d):
+                    with torch.inference_mode():
+                        ckpt.model(x, d)
+
+                def run_onnx(xn=xn, d=d):
+                    sessions[d].run(None, {"input": xn})
+
+                times = {"torch": [], "onnx": []}
+                for _ in range(repeats):
+                    for name, fn in (("torch", run_torch), ("onnx", run_onnx)):
+                        fn()
+                        n, t0 = 0, time.perf_counter()
+                        while time.perf_counter() - t0 < min_seconds:
+                            fn()
+                            n += 1
+                        times[name].append((time.perf_counter() - t0) / n)
+                t_torch, t_onnx = statistics.median(times["torch"]), statistics.median(times["onnx"])
+                rows.append(
+                    {
+                        "depth": d,
+                        "batch": b,
+                        "torch_ms": t_torch * 1000,
+                        "onnx_ms": t_onnx * 1000,
+                        "torch_img_s": b / t_torch,
+                        "onnx_img_s": b / t_onnx,
+                        "speedup": t_torch / t_onnx,
+                    }
+                )
+                print(
+                    f"  depth {d} batch {b:<4} torch {t_torch * 1000:8.3f} ms  onnx {t_onnx * 1000:8.3f} ms  onnx/torch {t_torch / t_onnx:5.2f}x",
+                    flush=True,
+                )
+    return {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "threads": 1, "rows": rows}

@@ -150,6 +150,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=int, default=8, help="length of one measured run")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs per system and concurrency")
     p.add_argument("--out", default="docs/benchmarks-service.json")
+    p.add_argument("--backends", default="torch", help="service backends to compare, e.g. torch,onnx")
+    p.add_argument(
+        "--models", action="store_true", help="model only: torch eager vs onnxruntime per depth and batch size"
+    )
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="for --models")
     p.set_defaults(func=_run_bench)
 
 
