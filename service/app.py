@@ -74,6 +74,7 @@ def load_service(state: ServiceState) -> None:
     metrics.MODEL_INFO.labels(
         ckpt.version, backend.name, backend.provider, str(device), str(ckpt.config.max_depth), ckpt.sha256[:12]
     ).set(1)
+    metrics.MAX_DEPTH.set(ckpt.config.max_depth)
     if (mem := backend.device_memory_bytes()) is not None:
         metrics.DEVICE_MEMORY.labels(str(device)).set(mem)
     batcher = Batcher(

@@ -234,6 +234,7 @@ class Batcher:
             metrics.INFERENCE.labels(str(d)).observe(s)
         for d, reason, c in zip(depths, reasons, h.tolist(), strict=True):
             metrics.DEPTH_CHOSEN.labels(str(d), reason).inc()
+            metrics.IMAGE_DEPTH.observe(d)
             metrics.COMPLEXITY.observe(c)
         k = 0
         for item in live:

@@ -27,6 +27,12 @@ INFERENCE = Histogram(
 DEPTH_CHOSEN = Counter(
     "puppet_depth_chosen_total", "images classified, by depth and why that depth", ["depth", "reason"]
 )
+IMAGE_DEPTH = Histogram(
+    "puppet_image_depth",
+    "depth each image ran at (mean depth = rate of _sum / rate of _count)",
+    buckets=(1, 2, 3, 4, 5, 6, 7, 8),
+)
+MAX_DEPTH = Gauge("puppet_max_depth", "deepest depth the loaded model offers")
 COMPLEXITY = Histogram(
     "puppet_complexity_bits", "input complexity H(x) of classified images", buckets=COMPLEXITY_BUCKETS
 )
