@@ -176,8 +176,10 @@ class Backbone(nn.Module):
                 n = active[j]
                 if n == x.shape[0]:
                     x = self._block(x, s, j, stage_kernels)
-                else:
+                elif torch.is_grad_enabled():  # training: autograd needs a new tensor
                     x = torch.cat([self._block(x[:n], s, j, stage_kernels), x[n:]])
+                else:  # inference: overwrite the running prefix in place, no copy of the rest
+                    x[:n] = self._block(x[:n], s, j, stage_kernels)
         feats = x.mean(dim=(2, 3))
         return feats[torch.argsort(order)]
 

@@ -174,7 +174,6 @@ class Batcher:
             return batch
 
     def _run(self) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         while True:
             batch = self._take_batch()
             if not batch:

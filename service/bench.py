@@ -227,6 +227,7 @@ def render(report: dict) -> str:
 def main(args) -> int:
     if args.models:
         report = bench_models(args.checkpoint)
+        print(render_models(report))
         out = args.out if args.out != "docs/benchmarks-service.json" else "docs/benchmarks-models.json"
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
@@ -327,3 +328,15 @@ def bench_models(checkpoint: str, *, batches=(1, 8, 32, 128), repeats: int = 7, 
                     flush=True,
                 )
     return {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "threads": 1, "rows": rows}
+
+
+def render_models(report: dict) -> str:
+    lines = [
+        "| depth | batch | torch ms | onnxruntime ms | torch img/s | onnxruntime img/s | onnxruntime / torch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['depth']} | {r['batch']} | {r['torch_ms']:.3f} | {r['onnx_ms']:.3f} | {r['torch_img_s']:.0f} | {r['onnx_img_s']:.0f} | {r['speedup']:.2f}× |"
+        )
+    return "\n".join(lines)

@@ -22,7 +22,10 @@ PREPROCESS = Histogram(
     "puppet_preprocess_seconds", "decode, convert and resize of one request's images", buckets=FAST_BUCKETS
 )
 INFERENCE = Histogram(
-    "puppet_inference_seconds", "one model call on a group of images of one depth", ["depth"], buckets=LATENCY_BUCKETS
+    "puppet_inference_seconds",
+    "one model call: torch runs a batch at once (labelled by its deepest depth), onnx one call per depth",
+    ["depth"],
+    buckets=LATENCY_BUCKETS,
 )
 DEPTH_CHOSEN = Counter(
     "puppet_depth_chosen_total", "images classified, by depth and why that depth", ["depth", "reason"]

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from service.errors import ApiError
-from service.requests import parse_depth
 from service.routes import ReadyState, State, decode_all, infer, model_info
+from service.uploads import parse_depth
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 MODEL_NAME = "puppet-cnn"

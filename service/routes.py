@@ -16,8 +16,8 @@ from service.app import ServiceState
 from service.batcher import BatchTimings, DeadlineExceeded, Draining, ImageResult, InferenceFailed, QueueFull
 from service.errors import ApiError
 from service.imaging import ImageError, decode
-from service.requests import images_and_options, parse_depth, parse_top_k
 from service.schemas import ClassifyResponse, ErrorResponse, ModelInfo
+from service.uploads import images_and_options, parse_depth, parse_top_k
 
 router = APIRouter()
 INLINE_DECODE_BYTES = 256 * 1024  # smaller images decode on the event loop; larger ones in a thread
