@@ -11,17 +11,14 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from service.server import ServerProcess
 
 # glibc: keep activation buffers mapped between batches instead of zeroing fresh pages (DESIGN.md sec. 6)
 SERVER_ENV = {
@@ -62,42 +59,9 @@ class System:
     query: str = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, settings: dict[str, str]):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, **SERVER_ENV, "PUPPET_PORT": str(self.port), "PUPPET_LOG_LEVEL": "warning"}
-        env.update({f"PUPPET_{k.upper()}": str(v) for k, v in settings.items()})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server with {settings} exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"server with {settings} did not become ready")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        super().__init__(settings, env=SERVER_ENV)
 
 
 def write_images(n: int, folder: Path) -> list[Path]:

@@ -65,14 +65,19 @@ def test_graphs_carry_their_metadata(ckpt, export_dir):
     assert not any("puppeteer" in init.name for init in graph.graph.initializer)
 
 
-def test_stale_export_is_refused(ckpt, export_dir, tmp_path):
-    stale = tmp_path / "stale"
-    stale.mkdir()
+def _stale_copy(export_dir, dst, sha="0" * 64):
+    """A copy of a valid export whose manifest names another checkpoint."""
+    dst.mkdir()
     for f in export_dir.iterdir():
-        (stale / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((stale / MANIFEST).read_text())
-    manifest["checkpoint_sha256"] = "0" * 64
-    (stale / MANIFEST).write_text(json.dumps(manifest))
+        (dst / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["checkpoint_sha256"] = sha
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return dst
+
+
+def test_stale_export_is_refused(ckpt, export_dir, tmp_path):
+    stale = _stale_copy(export_dir, tmp_path / "stale")
     with pytest.raises(OnnxExportError, match="stale"):
         verified_export(ckpt, stale)
 
@@ -131,12 +136,6 @@ def test_service_answers_the_same_through_both_backends(tmp_path):
 
 
 def test_service_refuses_a_stale_prebuilt_export(ckpt, export_dir, tmp_path):
-    stale = tmp_path / "prebuilt"
-    stale.mkdir()
-    for f in export_dir.iterdir():
-        (stale / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((stale / MANIFEST).read_text())
-    manifest["checkpoint_sha256"] = "1" * 64
-    (stale / MANIFEST).write_text(json.dumps(manifest))
+    stale = _stale_copy(export_dir, tmp_path / "prebuilt")
     with pytest.raises(RuntimeError, match="stale"):
         LiveServer(backend="onnx", onnx_dir=stale)
