@@ -56,7 +56,7 @@ train-twin: setup
 	$(VENV)/bin/puppet-cnn train --kind twin --depth-sampling max --epochs 20 --threads 1 --out $(TWIN) --resume
 
 evaluate: setup
-	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --out docs
+	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --threads 1 --out docs --ablation checkpoints/ablation/ode-puppeteer-3ep.safetensors checkpoints/ablation/tied-kernels-3ep.safetensors
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
