@@ -14,7 +14,7 @@ transitions, batch norms, head) is an ordinary stored parameter in both, and cou
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,14 +71,6 @@ class PuppetConfig:
         if unknown:
             raise ValueError(f"unknown architecture fields {sorted(unknown)}")
         return cls(**d)
-
-
-@dataclass
-class _Stage:
-    """Per-stage view used by the backbone: width and whether the input is downsampled first."""
-
-    width: int
-    transition: bool = field(default=False)
 
 
 class Backbone(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model import Checkpoint, complexity
@@ -151,8 +152,6 @@ class OnnxBackend(TorchBackend):
         if not self.io_binding:
             return torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
         # Device buffers shared with torch: no round trip through host memory between the two libraries.
-        import numpy as np
-
         x = x.to(self.device).contiguous()
         out = torch.empty(x.shape[0], self.ckpt.config.num_classes, device=self.device)
         binding = session.io_binding()

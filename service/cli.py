@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "puppet-cnn-fmnist.safetensors"
+from service.settings import SHIPPED_CHECKPOINT as DEFAULT_CHECKPOINT  # one definition of the shipped model
 
 
 def _ints(text: str) -> tuple[int, ...]:
