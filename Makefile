@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 DEB_PACKAGES := dataset-fashion-mnist wrk prometheus
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
 
-.PHONY: setup system-deps test lint serve bench train train-twin evaluate clean
+.PHONY: setup system-deps test lint serve bench bench-env bench-peers train train-twin evaluate clean
 
 setup: $(STAMP) system-deps
 
@@ -40,6 +42,19 @@ serve: setup
 bench: setup
 	$(VENV)/bin/puppet-cnn bench --out docs/benchmarks-service.json
 
+# Peer servers (LitServe) live in their own environment, never in the service's dependencies.
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml benchmarks/requirements-peers.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r benchmarks/requirements-peers.txt
+	touch $@
+
+# Ours (best and default configuration) against LitServe, a plain FastAPI endpoint and an HTTP ceiling.
+bench-peers: bench-env system-deps
+	$(BENCH_VENV)/bin/puppet-cnn bench --peers --out docs/benchmarks-peers.json
+
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
@@ -59,4 +74,4 @@ evaluate: setup
 	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --threads 1 --out docs --ablation checkpoints/ablation/ode-puppeteer-3ep.safetensors checkpoints/ablation/tied-kernels-3ep.safetensors
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -13,16 +13,21 @@ from dataclasses import dataclass
 import torch
 from fastapi import FastAPI
 
-from model import Checkpoint, load_checkpoint
-from model.onnx_export import ensure_export, verified_export
+from model import Checkpoint, CheckpointError, load_checkpoint
+from model.onnx_export import OnnxExportError, ensure_export, verified_export
 from service import metrics
 from service.backends import OnnxBackend, TorchBackend, resolve_device
 from service.batcher import Batcher
 from service.errors import error_response, install_error_handlers
+from service.logs import REQUEST_FIELDS, access_line
 from service.settings import Settings
 
 log = logging.getLogger("puppet.service")
 HEALTH_PATHS = ("/health/", "/v2/health/", "/metrics")
+
+
+class StartupFailed(Exception):
+    """The model could not be loaded; the process exits without ever reporting ready."""
 
 
 @dataclass
@@ -35,11 +40,24 @@ class ServiceState:
     batcher: Batcher | None = None
     ready: bool = False
     draining: bool = False
+    worker_up: bool = True
     in_flight: int = 0
 
     def set_ready(self, value: bool) -> None:
         self.ready = value
-        metrics.READY.set(1 if value else 0)
+        self._publish()
+
+    def worker_changed(self, up: bool) -> None:
+        """From the batcher's supervisor: the inference worker died (False) or runs again (True)."""
+        self.worker_up = up
+        self._publish()
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and self.worker_up and not self.draining and self.batcher is not None
+
+    def _publish(self) -> None:
+        metrics.READY.set(1 if self.ready and self.worker_up and not self.draining else 0)
 
 
 def make_backend(s: Settings, ckpt: Checkpoint, device: torch.device) -> TorchBackend:
@@ -85,6 +103,8 @@ def load_service(state: ServiceState) -> None:
         max_queue_delay_s=s.max_queue_delay_ms / 1000,
         degrade_under_load=s.degrade_under_load,
         degrade_depth=s.degrade_depth,
+        restart_backoff_s=s.worker_restart_backoff_s,
+        on_worker_change=state.worker_changed,
     )
     batcher.start()
     state.ckpt, state.backend, state.batcher = ckpt, backend, batcher
@@ -94,7 +114,7 @@ def load_service(state: ServiceState) -> None:
 
 
 class MetricsMiddleware:
-    """Request id, in-flight gauge, 503 while draining, and request metrics by route template."""
+    """Request id, in-flight gauge, 503 while draining, request metrics by route template, one access-log line."""
 
     def __init__(self, app, state: ServiceState):
         self.app, self.state = app, state
@@ -103,35 +123,66 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self.state.draining and not path.startswith(HEALTH_PATHS):
-            metrics.REJECTIONS.labels("draining").inc()
-            response = error_response(
-                503, "draining", "the service is shutting down; retry on another instance", {"Retry-After": "1"}
-            )
-            return await response(scope, receive, send)
-        request_id = next((v.decode() for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        status = 500
         start = time.perf_counter()
+        request_id = _request_id(scope)
+        fields = {"request_id": request_id, "method": scope["method"], "path": path}
+        token = REQUEST_FIELDS.set(fields)
+        status, started = 500, False
 
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()[:128]))
+                status, started = message["status"], True
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
         self.state.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            if self.state.draining and not path.startswith(HEALTH_PATHS):
+                metrics.REJECTIONS.labels("draining").inc()
+                fields["error"] = "draining"
+                response = error_response(
+                    503, "draining", "the service is shutting down; retry on another instance", {"Retry-After": "1"}
+                )
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # a bug, not bad input: log it under an id the caller can quote
+            if started:
+                raise
+            fields.update(error="internal", error_id=uuid.uuid4().hex[:12])
+            log.error("unhandled error on %s (error id %s)", path, fields["error_id"], exc_info=exc)
+            response = error_response(
+                500,
+                "internal",
+                f"internal error (error id {fields['error_id']}); it is logged",
+                {"X-Error-Id": fields["error_id"]},
+            )
+            await response(scope, receive, send_with_id)
         finally:
             self.state.in_flight -= 1
             metrics.IN_FLIGHT.dec()
+            REQUEST_FIELDS.reset(token)
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
+            duration = time.perf_counter() - start
             metrics.REQUESTS.labels(template, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(template).observe(time.perf_counter() - start)
+            metrics.REQUEST_DURATION.labels(template).observe(duration)
+            fields.update(route=template, status=status, duration_ms=round(duration * 1000, 3))
+            if client := scope.get("client"):
+                fields["client"] = client[0]
+            access_line(fields, quiet=path.startswith(HEALTH_PATHS))
+
+
+def _request_id(scope) -> str:
+    """The caller's X-Request-Id when it is a sane token (it is logged and echoed), else a fresh one."""
+    for k, v in scope["headers"]:
+        if k == b"x-request-id":
+            if 0 < len(v) <= 128 and all(33 <= c < 127 for c in v):
+                return v.decode("ascii")
+            break
+    return uuid.uuid4().hex
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -141,7 +192,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.set_ready(False)
-        await asyncio.to_thread(load_service, state)
+        try:
+            await asyncio.to_thread(load_service, state)
+        except (CheckpointError, OnnxExportError) as e:  # the message names the file and what is wrong
+            log.critical("cannot start: %s", e)
+            raise StartupFailed(str(e)) from None
+        except Exception as e:
+            log.critical("cannot start: %s: %s", type(e).__name__, e, exc_info=e)
+            raise StartupFailed(str(e)) from None
         state.set_ready(True)
         try:
             yield

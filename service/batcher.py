@@ -5,16 +5,22 @@ together, up to `max_batch_size` images. `max_queue_delay` (default 0) only boun
 batch may wait for company. The queue is bounded in images (full -> `QueueFull`); an item whose deadline
 has passed when its batch forms is not run (`DeadlineExceeded`); under load, a request whose estimated
 wait would miss its deadline gets its depth capped instead (reason `degraded`).
+
+An exception in one batch fails only that batch's requests (`InferenceFailed`, with an error id that is
+logged). A worker thread that dies anyway is restarted by a supervisor thread after a back-off (doubling
+while it keeps dying, up to 30 s); while it is down, readiness is false and new requests get `WorkerDown`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +44,12 @@ class DeadlineExceeded(Exception):
 
 class Draining(Exception):
     pass
+
+
+class WorkerDown(Exception):
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"the inference worker crashed and is restarting; retry in {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
 
 
 class InferenceFailed(Exception):
@@ -83,6 +95,8 @@ class Batcher:
         max_queue_delay_s: float = 0.0,
         degrade_under_load: bool = True,
         degrade_depth: int = 1,
+        restart_backoff_s: float = 1.0,
+        on_worker_change: Callable[[bool], None] | None = None,
     ):
         self.backend, self.policy = backend, policy
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -96,11 +110,42 @@ class Batcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._seconds_per_image = 0.0  # moving average over batches, for the wait estimate
+        self.restart_backoff_s = restart_backoff_s
+        self._on_worker_change = on_worker_change or (lambda up: None)
+        self._restart_at = 0.0
+        self._supervisor: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        self._spawn_worker()
+        self._supervisor = threading.Thread(target=self._supervise, name="puppet-worker-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _spawn_worker(self) -> None:
         self._thread = threading.Thread(target=self._run, name="puppet-inference-worker", daemon=True)
         self._thread.start()
+        self._on_worker_change(True)
+
+    def _supervise(self) -> None:
+        """Restart the worker whenever it dies (not when it stops): back off while it keeps dying."""
+        backoff, last_restart = self.restart_backoff_s, -math.inf
+        while True:
+            self._thread.join()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            backoff = min(30.0, backoff * 2) if now - last_restart < 60 else self.restart_backoff_s
+            self._restart_at = now + backoff
+            self._on_worker_change(False)
+            log.error("the inference worker died; restarting it in %.1f s", backoff)
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping, timeout=backoff)
+                if self._stopping:
+                    return
+            metrics.WORKER_RESTARTS.inc()
+            last_restart = time.monotonic()
+            self._spawn_worker()
+            log.warning("the inference worker was restarted")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop the worker."""
@@ -133,6 +178,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise Draining()
+            if not self.alive:
+                raise WorkerDown(max(0.5, self._restart_at - time.monotonic()))
             if self._queued_images + n > self.max_queue:
                 metrics.REJECTIONS.labels("queue_full").inc()
                 raise QueueFull(max(1.0, self.estimated_wait_s()))
@@ -174,19 +221,21 @@ class Batcher:
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                return
-            try:
-                self._process(batch)
-            except Exception:
-                error_id = uuid.uuid4().hex[:12]
-                log.exception("inference failed for a batch of %d requests (error id %s)", len(batch), error_id)
-                for item in batch:
-                    _resolve(item, exc=InferenceFailed(error_id))
-            finally:
-                self._busy_images = 0
+        batch: list[_Item] = []
+        try:
+            while True:
+                batch = self._take_batch()
+                if not batch:
+                    return
+                try:
+                    self._process(batch)
+                except Exception:
+                    _fail(batch, "inference failed for a batch of %d requests (error id %s)")
+                finally:
+                    self._busy_images = 0
+                batch = []
+        except BaseException:  # the thread ends here; the supervisor starts another
+            _fail(batch, "the inference worker died with a batch of %d requests (error id %s)")
 
     def _process(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
@@ -242,6 +291,14 @@ class Batcher:
             k += m
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
             _resolve(item, result=(results, BatchTimings(start - item.enqueued, inference_s)))
+
+
+def _fail(batch: list[_Item], message: str) -> None:
+    """Fail every request of the batch with one error id, logged with the traceback."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception(message, len(batch), error_id, extra={"fields": {"error_id": error_id}})
+    for item in batch:
+        _resolve(item, exc=InferenceFailed(error_id))
 
 
 def _resolve(item: _Item, *, result=None, exc: Exception | None = None) -> None:

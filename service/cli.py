@@ -102,8 +102,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import logging
-
     from pydantic import ValidationError
 
     from service.server import serve
@@ -117,7 +115,6 @@ def _run_serve(args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"puppet-cnn serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(settings)
     return 0
 
@@ -154,6 +151,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--models", action="store_true", help="model only: torch eager vs onnxruntime per depth and batch size"
     )
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="for --models")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="ours (best and default configuration) against LitServe, a plain FastAPI endpoint and an HTTP ceiling "
+        "(run from .venv-bench: make bench-env); writes docs/benchmarks-peers.json unless --out is given",
+    )
+    p.add_argument(
+        "--litserve-batch-timeout-ms",
+        type=float,
+        default=0.0,
+        help="for --peers: LitServe's batch_timeout (0, as our PUPPET_MAX_QUEUE_DELAY_MS default: never wait)",
+    )
     p.set_defaults(func=_run_bench)
 
 

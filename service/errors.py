@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.logs import note
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
@@ -21,6 +23,7 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        note(error=exc.code, **({"error_id": exc.headers["X-Error-Id"]} if "X-Error-Id" in exc.headers else {}))
         if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's error shape
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -29,6 +32,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
+        note(error="invalid_option")
         if request.url.path.startswith("/v2/"):
             return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=400)
         return error_response(422, "invalid_option", f"{where}: {first['msg']}")
@@ -36,4 +40,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        note(error=code)
+        if request.url.path.startswith("/v2/"):  # e.g. a body FastAPI cannot parse: the OIP shape too
+            return JSONResponse(
+                {"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+            )
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))

@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ApiError
 from service.routes import ReadyState, State, decode_all, infer, model_info
+from service.schemas import (
+    EXAMPLE_PNG_BASE64,
+    OipError,
+    OipInferResponse,
+    OipLive,
+    OipModelMetadata,
+    OipModelReady,
+    OipReady,
+)
 from service.uploads import parse_depth
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 MODEL_NAME = "puppet-cnn"
+ModelName = Annotated[str, Path(description="the served model's name", examples=[MODEL_NAME])]
 
 
 class InferInput(BaseModel):
@@ -33,6 +43,20 @@ class InferInput(BaseModel):
 
 
 class InferRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "example",
+                    "inputs": [
+                        {"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [EXAMPLE_PNG_BASE64]}
+                    ],
+                    "parameters": {"depth": "auto"},
+                }
+            ]
+        }
+    )
+
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[InferInput] = Field(min_length=1)
@@ -56,19 +80,21 @@ def _flatten(data: list) -> list:
     return out
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_model=OipLive)
 async def v2_live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", response_model=OipReady, responses={503: {"model": OipReady}})
 async def v2_ready(state: State) -> JSONResponse:
-    ok = state.ready and not state.draining
+    ok = state.serving
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}")
-async def v2_metadata(name: str, state: ReadyState) -> dict:
+@router.get(
+    "/models/{name}", response_model=OipModelMetadata, responses={404: {"model": OipError}, 503: {"model": OipError}}
+)
+async def v2_metadata(name: ModelName, state: ReadyState) -> dict:
     _check_name(name)
     info = model_info(state)
     c, (h, w) = info["preprocessing"]["channels"], info["preprocessing"]["input_size"]
@@ -89,15 +115,29 @@ async def v2_metadata(name: str, state: ReadyState) -> dict:
     }
 
 
-@router.get("/models/{name}/ready")
-async def v2_model_ready(name: str, state: State) -> JSONResponse:
+@router.get(
+    "/models/{name}/ready",
+    response_model=OipModelReady,
+    responses={404: {"model": OipError}, 503: {"model": OipModelReady}},
+)
+async def v2_model_ready(name: ModelName, state: State) -> JSONResponse:
     _check_name(name)
-    ok = state.ready and not state.draining
+    ok = state.serving
     return JSONResponse({"name": MODEL_NAME, "ready": ok}, status_code=200 if ok else 503)
 
 
-@router.post("/models/{name}/infer")
-async def v2_infer(name: str, request: InferRequest, state: ReadyState) -> dict:
+@router.post(
+    "/models/{name}/infer",
+    response_model=None,  # documented below; the answer is built as a dict and not re-validated on the hot path
+    responses={
+        200: {"model": OipInferResponse},
+        **{
+            status: {"model": OipError}
+            for status in (400, 404, 413, 422, 429, 500, 503, 504)  # 422: a bad `depth` parameter
+        },
+    },
+)
+async def v2_infer(name: ModelName, request: InferRequest, state: ReadyState) -> dict:
     _check_name(name)
     if len(request.inputs) != 1:
         raise ApiError(400, "invalid_input", f"send exactly one input tensor, got {len(request.inputs)}")
@@ -172,6 +212,12 @@ def _input_images(state, tensor: InferInput) -> torch.Tensor | list[bytes]:
                 400,
                 "invalid_shape",
                 f"BYTES input must have shape [N] matching its {len(data)} items, got {tensor.shape}",
+            )
+        if len(data) > state.settings.max_images_per_request:
+            raise ApiError(
+                413,
+                "too_many_images",
+                f"{len(data)} images in one request; the limit is {state.settings.max_images_per_request}",
             )
         blobs = []
         for i, item in enumerate(data):

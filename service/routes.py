@@ -13,10 +13,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.app import ServiceState
-from service.batcher import BatchTimings, DeadlineExceeded, Draining, ImageResult, InferenceFailed, QueueFull
+from service.batcher import (
+    BatchTimings,
+    DeadlineExceeded,
+    Draining,
+    ImageResult,
+    InferenceFailed,
+    QueueFull,
+    WorkerDown,
+)
 from service.errors import ApiError
 from service.imaging import ImageError, decode
-from service.schemas import ClassifyResponse, ErrorResponse, ModelInfo
+from service.logs import note
+from service.schemas import CLASSIFY_REQUEST_DOCS, ClassifyResponse, ErrorResponse, HealthStatus, ModelInfo
 from service.uploads import images_and_options, parse_depth, parse_top_k
 
 router = APIRouter()
@@ -60,8 +69,9 @@ async def infer(
 ) -> tuple[list[ImageResult], BatchTimings]:
     """Through the worker, mapping its refusals to HTTP errors."""
     s = state.settings
+    note(images=len(images))
     try:
-        return await state.batcher.submit(
+        results, timings = await state.batcher.submit(
             images, depth=depth, max_depth=max_depth, deadline_s=s.request_deadline_ms / 1000
         )
     except QueueFull as e:
@@ -78,6 +88,15 @@ async def infer(
         raise ApiError(
             500, "inference_failed", f"{e}; the error is logged under this id", {"X-Error-Id": e.error_id}
         ) from None
+    except WorkerDown as e:
+        raise ApiError(503, "worker_restarting", str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
+    note(
+        depths=[r.depth for r in results],
+        depth_reasons=[r.reason for r in results],
+        queue_ms=round(timings.queue_s * 1000, 3),
+        inference_ms=round(timings.inference_s * 1000, 3),
+    )
+    return results, timings
 
 
 def top_k(probabilities: torch.Tensor, k: int, classes: tuple[str, ...]) -> list[dict]:
@@ -97,9 +116,11 @@ def top_k(probabilities: torch.Tensor, k: int, classes: tuple[str, ...]) -> list
         415: {"model": ErrorResponse},
         422: {"model": ErrorResponse},
         429: {"model": ErrorResponse},
+        500: {"model": ErrorResponse, "description": "The model failed on this batch; X-Error-Id names the log entry"},
         503: {"model": ErrorResponse},
         504: {"model": ErrorResponse},
     },
+    openapi_extra=CLASSIFY_REQUEST_DOCS,
     summary="Classify one or more images",
     description=(
         "Send a raw image body (image/png, image/jpeg, image/webp, image/bmp, image/gif), a multipart upload "
@@ -118,6 +139,7 @@ async def classify(request: Request, state: ReadyState) -> JSONResponse:
     images = await decode_all(state, blobs)
     t_pre = time.perf_counter()
     metrics.PREPROCESS.observe(t_pre - t0)
+    note(preprocess_ms=round((t_pre - t0) * 1000, 3))
     results, timings = await infer(state, images, depth=depth, max_depth=max_depth)
     total = time.perf_counter() - t0
     body = {
@@ -144,18 +166,21 @@ async def classify(request: Request, state: ReadyState) -> JSONResponse:
     return JSONResponse(body, headers={"Server-Timing": server_timing})
 
 
-@router.get("/health/live", summary="The process is up")
+@router.get("/health/live", summary="The process is up", response_model=HealthStatus)
 async def live() -> dict:
     return {"status": "live"}
 
 
 @router.get(
-    "/health/ready", summary="Loaded, warm and not draining (503 otherwise)", responses={503: {"model": ErrorResponse}}
+    "/health/ready",
+    summary="Loaded, warm and not draining (503 otherwise)",
+    response_model=HealthStatus,
+    responses={503: {"model": ErrorResponse}},
 )
 async def ready(state: State) -> JSONResponse:
-    if state.ready and not state.draining and state.batcher is not None and state.batcher.alive:
+    if state.serving and state.batcher.alive:
         return JSONResponse({"status": "ready"})
-    reason = "draining" if state.draining else "loading"
+    reason = "draining" if state.draining else "loading" if not state.ready else "worker restarting"
     return JSONResponse({"error": {"code": "not_ready", "message": f"not ready: {reason}"}}, status_code=503)
 
 
@@ -185,12 +210,20 @@ def model_info(state: ServiceState) -> dict:
 
 
 @router.get(
-    "/v1/model", response_model=ModelInfo, summary="The loaded model: classes, preprocessing, depth table, backend"
+    "/v1/model",
+    response_model=ModelInfo,
+    responses={503: {"model": ErrorResponse}},
+    summary="The loaded model: classes, preprocessing, depth table, backend",
 )
 async def describe_model(state: ReadyState) -> dict:
     return model_info(state)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.imaging import SUPPORTED_TYPES
+
+# A real 4x4 grey PNG: the examples the OpenAPI docs show (and schemathesis sends) classify successfully.
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAQAAAAECAAAAACMmsGiAAAAEElEQVR42mNsYGBgYGJAIQAJ5ACIuhfh0AAAAABJRU5ErkJggg=="
+)
 
 
 class ErrorDetail(BaseModel):
@@ -52,8 +59,10 @@ class ClassifyResponse(BaseModel):
 class ClassifyJSON(BaseModel):
     """JSON body of POST /classify: one base64 image or several."""
 
-    image: str | None = Field(None, description="base64-encoded image bytes")
-    images: list[str] | None = Field(None, description="several base64-encoded images")
+    image: str | None = Field(None, description="base64-encoded image bytes", examples=[EXAMPLE_PNG_BASE64])
+    images: list[str] | None = Field(
+        None, description="several base64-encoded images", examples=[[EXAMPLE_PNG_BASE64, EXAMPLE_PNG_BASE64]]
+    )
     top_k: int | None = Field(None, ge=1)
     depth: int | Literal["auto"] | None = None
     max_depth: int | None = Field(None, ge=1)
@@ -86,3 +95,90 @@ class ModelInfo(BaseModel):
     device: str
     checkpoint_sha256: str
     dataset: str
+
+
+class HealthStatus(BaseModel):
+    status: Literal["live", "ready"]
+
+
+# The Open Inference Protocol (v2) answers: its own error shape, {"error": "<message>"}.
+
+
+class OipError(BaseModel):
+    error: str
+
+
+class OipLive(BaseModel):
+    live: bool
+
+
+class OipReady(BaseModel):
+    ready: bool
+
+
+class OipModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OipTensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OipModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+    parameters: dict[str, Any]
+
+
+class OipOutputTensor(BaseModel):
+    name: Literal["probabilities", "depth", "label"]
+    datatype: Literal["FP32", "INT64", "BYTES"]
+    shape: list[int]
+    data: list[float] | list[int] | list[str]
+
+
+class OipInferResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())  # model_name, model_version are the protocol's names
+
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OipOutputTensor]
+
+
+def _classify_request_docs() -> dict:
+    """What POST /classify accepts, for its OpenAPI `openapi_extra` (the handler reads the raw request)."""
+    depth = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["auto"]}]}
+    options = {
+        "top_k": {"type": "integer", "minimum": 1, "description": "classes to return, 1..number of classes"},
+        "depth": {**depth, "description": "'auto' (the depth table decides) or a fixed depth in 1..D_max"},
+        "max_depth": {"type": "integer", "minimum": 1, "description": "cap on the automatic depth, 1..D_max"},
+    }
+    binary = {"type": "string", "format": "binary"}
+    raw = {t: {"schema": binary} for t in (*sorted(SUPPORTED_TYPES), "application/octet-stream")}
+    multipart = {
+        "type": "object",
+        "properties": {"file": binary, "files": {"type": "array", "items": binary}, **options},
+    }
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "schema": schema} for name, schema in options.items()
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                **raw,
+                "multipart/form-data": {"schema": multipart},
+                "application/json": {"schema": ClassifyJSON.model_json_schema()},
+            },
+        },
+    }
+
+
+CLASSIFY_REQUEST_DOCS = _classify_request_docs()

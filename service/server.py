@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 
 from service.app import create_app
+from service.logs import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("puppet.server")
@@ -54,12 +55,14 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's records go through our handler (service/logs.py)
         access_log=False,  # one structured line per request comes from the service itself
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         lifespan="on",
@@ -80,7 +83,14 @@ class ServerProcess:
     Output goes to a temporary file, never a pipe that a long run could fill.
     """
 
-    def __init__(self, settings: dict[str, object], *, env: dict[str, str] | None = None, timeout: float = 120.0):
+    def __init__(
+        self,
+        settings: dict[str, object],
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float = 120.0,
+        command: list[str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **(env or {}), "PUPPET_PORT": str(self.port)}
@@ -88,7 +98,7 @@ class ServerProcess:
         full_env.update({f"PUPPET_{k.upper()}": str(v) for k, v in settings.items()})
         self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
+            command or [sys.executable, "-m", "service.cli", "serve"],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -48,8 +48,15 @@ class Settings(BaseSettings):
     degrade_under_load: bool = Field(True, description="cap the depth instead of missing the deadline")
     degrade_depth: int = Field(1, ge=1, description="the depth cap applied under load")
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the inference worker")
+    worker_restart_backoff_s: float = Field(
+        1.0,
+        ge=0,
+        le=30,
+        description="a crashed inference worker restarts after this (doubling while it keeps crashing)",
+    )
     drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for a terminal")
 
     @field_validator("device")
     @classmethod

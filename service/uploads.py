@@ -35,7 +35,7 @@ def parse_depth(value: str | int | None, max_depth: int, name: str = "depth") ->
         return None
     try:
         d = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON Infinity
         raise ApiError(
             422, "invalid_option", f"{name} must be 'auto' or an integer in 1..{max_depth}, got {value!r}"
         ) from None
@@ -49,7 +49,7 @@ def parse_top_k(value: str | int | None, default: int, num_classes: int) -> int:
         return min(default, num_classes)
     try:
         k = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ApiError(422, "invalid_option", f"top_k must be an integer in 1..{num_classes}, got {value!r}") from None
     if not 1 <= k <= num_classes:
         raise ApiError(422, "invalid_option", f"top_k must be in 1..{num_classes}, got {k}")
@@ -83,13 +83,13 @@ async def images_and_options(request: Request, limit: int, max_images: int) -> t
     elif content_type == "application/json":
         try:
             payload = ClassifyJSON.model_validate(json.loads(body or b"null"))
-        except json.JSONDecodeError as e:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
         except ValidationError as e:
             first = e.errors()[0]
             raise ApiError(
                 422, "invalid_option", f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
             ) from None
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep to parse
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
         texts = ([payload.image] if payload.image is not None else []) + (payload.images or [])
         if not texts:
             raise ApiError(400, "no_image", "the JSON body needs 'image' (base64) or 'images' (a list of base64)")

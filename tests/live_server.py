@@ -14,13 +14,24 @@ __all__ = ["SHIPPED", "LiveServer", "free_port"]
 
 
 class LiveServer(ServerProcess):
-    def __init__(self, **settings):
-        env = {
-            "PYTHONPATH": REPO,
+    def __init__(self, *, command: list[str] | None = None, env: dict[str, str] | None = None, **settings):
+        full_env = {
+            "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
             "OMP_NUM_THREADS": "1",
             "PUPPET_CHECKPOINT": os.environ.get("PUPPET_CHECKPOINT", SHIPPED),
+            **(env or {}),
         }
-        super().__init__(settings, env=env, timeout=60)
+        super().__init__(settings, env=full_env, timeout=60, command=command)
+
+    def process_stats(self) -> dict[str, int]:
+        """Resident memory (bytes), open file descriptors and threads of the server process, from /proc."""
+        pid = self.proc.pid
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
+        return {
+            "rss": int(status["VmRSS"].split()[0]) * 1024,
+            "fds": len(os.listdir(f"/proc/{pid}/fd")),
+            "threads": int(status["Threads"]),
+        }
 
     def metric(self, name: str, **labels) -> float:
         """Current value of one sample of /metrics (0 if absent)."""

@@ -1,0 +1,308 @@
+"""The service when things go wrong: overload, a long run, faults in the model, SIGTERM under load, bad checkpoints.
+
+Every test runs a real `puppet-cnn serve` process on loopback with the production environment (one torch thread,
+glibc settings of the Dockerfile). The long versions are marked `slow` (`make test-slow`); `make test` runs short
+ones that check the same properties.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from live_server import SHIPPED, LiveServer
+from load import capacity, open_loop, p50_latency
+from safetensors.torch import load_file, save_file
+
+from model import load_dataset
+from model.checkpoint import read_metadata
+from model.data import encode_png
+from service.bench import SERVER_ENV
+
+IMAGES_PER_REQUEST = 8
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    data = load_dataset("fashion-mnist", "test").subset(slice(0, 64))
+    return [encode_png(img) for img in data.images]
+
+
+def _server(**settings) -> LiveServer:
+    return LiveServer(env=SERVER_ENV, **settings)
+
+
+def _log_lines(output: str) -> list[dict]:
+    lines = []
+    for line in output.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return lines
+
+
+# -- overload -------------------------------------------------------------------------------------------------
+def _overload(pngs, seconds: float) -> None:
+    s = _server()  # the default settings: deadline 2 s, queue of 256 images, degrade under load
+    deadline_ms = 2000
+    try:
+        before = p50_latency(s.url, pngs[0])
+        cap = capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=4)
+        outcomes = open_loop(s.url, pngs, rate=3 * cap, seconds=seconds, images_per_request=IMAGES_PER_REQUEST)
+        statuses = [o.status for o in outcomes]
+        counts = {code: statuses.count(code) for code in set(statuses)}
+        summary = f"capacity {cap:.1f} req/s x {IMAGES_PER_REQUEST} images, sent {len(outcomes)} at 3x: {counts}"
+        assert set(counts) <= {200, 429}, summary  # no 5xx, no 504, no dropped connection
+        assert counts.get(429, 0) > 0, f"3x capacity should be refused in part: {summary}"
+        assert counts.get(200, 0) > 0, summary
+        for o in outcomes:
+            if o.status == 429:
+                assert int(o.headers["retry-after"]) >= 1 and o.body["error"]["code"] == "queue_full"
+            else:  # accepted: answered within the deadline, at full or degraded depth
+                assert o.body["timings_ms"]["total"] <= deadline_ms, o.body["timings_ms"]
+                assert {r["depth_reason"] for r in o.body["results"]} <= {"auto", "degraded"}
+        # and it recovers: the lone-request latency comes back within seconds
+        t_end = time.monotonic()
+        after = p50_latency(s.url, pngs[0])
+        while after > max(2 * before, before + 0.005) and time.monotonic() - t_end < 10:
+            after = p50_latency(s.url, pngs[0])
+        recovered_s = time.monotonic() - t_end
+        print(f"{summary}; p50 {before * 1000:.1f} ms before, {after * 1000:.1f} ms {recovered_s:.1f} s after")
+        assert after <= max(2 * before, before + 0.005), (
+            f"not recovered after {recovered_s:.1f} s: {after * 1000:.1f} ms"
+        )
+        assert s.metric("puppet_queue_length_images") == 0
+    finally:
+        s.stop()
+
+
+def test_overload_at_three_times_capacity_sheds_load_and_recovers(pngs):
+    _overload(pngs, seconds=8)
+
+
+@pytest.mark.slow
+def test_overload_for_a_minute(pngs):
+    _overload(pngs, seconds=60)
+
+
+# -- soak -----------------------------------------------------------------------------------------------------
+def _soak(pngs, seconds: float, warmup_s: float) -> None:
+    s = _server()
+    try:
+        cap = capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=4)
+        rate = 0.7 * cap
+        warm = open_loop(s.url, pngs, rate=rate, seconds=warmup_s, images_per_request=IMAGES_PER_REQUEST)
+        time.sleep(0.5)  # let closed connections go
+        start = s.process_stats()
+        outcomes = open_loop(s.url, pngs, rate=rate, seconds=seconds, images_per_request=IMAGES_PER_REQUEST)
+        time.sleep(0.5)
+        end = s.process_stats()
+        bad = [o for o in warm + outcomes if o.status != 200]
+        growth = end["rss"] / start["rss"] - 1
+        print(
+            f"soak {seconds:.0f} s at {rate:.1f} req/s ({IMAGES_PER_REQUEST} images each, 70% of {cap:.1f}): "
+            f"{len(outcomes)} requests, rss {start['rss'] / 2**20:.1f} -> {end['rss'] / 2**20:.1f} MiB ({100 * growth:+.2f}%), "
+            f"fds {start['fds']} -> {end['fds']}, threads {start['threads']} -> {end['threads']}"
+        )
+        assert not bad, f"{len(bad)} failed requests, first {bad[:3]}"
+        assert growth < 0.05
+        assert end["fds"] <= start["fds"] and end["threads"] <= start["threads"]
+    finally:
+        s.stop()
+
+
+def test_soak_short(pngs):
+    _soak(pngs, seconds=20, warmup_s=5)
+
+
+@pytest.mark.slow
+def test_soak_ten_minutes(pngs):
+    _soak(pngs, seconds=600, warmup_s=30)
+
+
+# -- faults ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def faulty(tmp_path):
+    """A server whose model call fails on demand (tests/fault_server.py), logging at info level."""
+    s = LiveServer(
+        command=[sys.executable, "-m", "fault_server"],
+        env={**SERVER_ENV, "PUPPET_FAULT_DIR": str(tmp_path)},
+        max_batch_size=8,
+        log_level="info",
+        worker_restart_backoff_s=1.5,
+    )
+    s.fault_dir = tmp_path
+    yield s
+    s.stop()
+
+
+def _post(url, png, request_id=None):
+    headers = {"Content-Type": "image/png", **({"X-Request-Id": request_id} if request_id else {})}
+    return httpx.post(url + "/classify", content=png, headers=headers, timeout=30)
+
+
+def test_an_exception_in_the_model_fails_only_that_batch(faulty, pngs):
+    assert _post(faulty.url, pngs[0]).status_code == 200
+    (faulty.fault_dir / "fail").touch()
+    ids = [f"req-{i}" for i in range(64)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: _post(faulty.url, pngs[i % len(pngs)], ids[i]), range(64)))
+    failed = [r for r in answers if r.status_code != 200]
+    taken = int((faulty.fault_dir / "fail.taken").read_text())  # images in the batch that took the fault
+    assert len(failed) == taken >= 1, [r.status_code for r in answers]
+    assert {r.status_code for r in failed} == {500}
+    assert {r.json()["error"]["code"] for r in failed} == {"inference_failed"}
+    error_ids = {r.headers["x-error-id"] for r in failed}
+    assert len(error_ids) == 1, "one batch, one error id"
+    error_id = error_ids.pop()
+    assert all(error_id in r.json()["error"]["message"] for r in failed)
+    # the worker keeps serving, and never restarted: it did not die
+    assert all(_post(faulty.url, png).status_code == 200 for png in pngs[:8])
+    assert faulty.metric("puppet_worker_restarts_total") == 0
+    # the error id is in the log: the worker's traceback, and each failed request's access line
+    lines = _log_lines(faulty.stop())
+    worker = [r for r in lines if r.get("error_id") == error_id and r["logger"] == "puppet.worker"]
+    assert len(worker) == 1 and "injected fault in the model" in worker[0]["exception"]
+    access = {r["request_id"]: r for r in lines if r["logger"] == "puppet.access" and r["path"] == "/classify"}
+    failed_ids = {r.headers["x-request-id"] for r in failed}
+    assert {i for i, r in access.items() if r["status"] == 500 and r.get("error_id") == error_id} == failed_ids
+    assert all(access[i]["status"] == 200 for i in ids if i not in failed_ids)
+
+
+def test_a_worker_that_dies_is_restarted_and_readiness_follows(faulty, pngs):
+    assert faulty.metric("puppet_ready") == 1
+    (faulty.fault_dir / "die").touch()
+    died = _post(faulty.url, pngs[0])
+    assert died.status_code == 500 and died.json()["error"]["code"] == "inference_failed"
+    # down: not ready, and new requests are refused at once with a retry hint rather than queued
+    ready = httpx.get(faulty.url + "/health/ready")
+    refused = _post(faulty.url, pngs[1])
+    assert ready.status_code == 503 and "worker restarting" in ready.json()["error"]["message"]
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "worker_restarting"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert faulty.metric("puppet_ready") == 0
+    # restarted after the back-off: ready again, counted, serving
+    deadline = time.monotonic() + 15
+    while httpx.get(faulty.url + "/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.05)
+    assert faulty.metric("puppet_worker_restarts_total") == 1 and faulty.metric("puppet_ready") == 1
+    assert all(_post(faulty.url, png).status_code == 200 for png in pngs[:8])
+
+
+# -- SIGTERM under load ---------------------------------------------------------------------------------------
+def test_sigterm_under_load_loses_no_accepted_request(pngs):
+    drain_s = 10
+    s = _server(drain_timeout_s=drain_s, log_level="info")
+    results: list[tuple[str, float, int, str]] = []  # request id, sent at, status (0: no answer), error
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            rid = uuid.uuid4().hex
+            t0 = time.monotonic()
+            try:  # a new connection each time: nothing is reused across the shutdown
+                r = httpx.post(
+                    s.url + "/classify",
+                    files=[("files", (f"{j}.png", pngs[(i + j) % len(pngs)], "image/png")) for j in range(4)],
+                    headers={"X-Request-Id": rid},
+                    timeout=30,
+                )
+                code = r.json()["error"]["code"] if r.status_code != 200 else ""
+                results.append((rid, t0, r.status_code, code))
+            except httpx.ConnectError:  # the listening socket is closed: never accepted
+                results.append((rid, t0, 0, "ConnectError"))
+                if s.proc.poll() is not None:
+                    return
+                time.sleep(0.01)
+            except httpx.HTTPError as e:
+                results.append((rid, t0, -1, type(e).__name__))
+            i += 16
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    t_signal = time.monotonic()
+    s.terminate()
+    try:
+        rc = s.proc.wait(timeout=drain_s + 10)
+    finally:
+        exited = time.monotonic()
+        stop.set()
+        for t in threads:
+            t.join(30)
+    output = s.output()
+    lost = [r for r in results if r[2] == -1]
+    assert not lost, f"requests dropped mid-way: {lost[:5]}"
+    assert {r[2] for r in results} <= {200, 503, 0}
+    assert all(r[3] == "draining" for r in results if r[2] == 503)
+    assert [r for r in results if r[2] == 503], "requests after the signal should have been refused with 503"
+    assert all(r[2] == 200 for r in results if r[1] < t_signal - 0.5), "a request sent well before the signal failed"
+    # what the server accepted (its access log) is exactly what the clients got back
+    logged = {
+        r["request_id"]: r["status"]
+        for r in _log_lines(output)
+        if r["logger"] == "puppet.access" and r["path"] == "/classify"
+    }
+    answered = {r[0]: r[2] for r in results if r[2] in (200, 503)}
+    assert logged == answered
+    assert rc == 0 and exited - t_signal < drain_s, f"exit {rc} after {exited - t_signal:.1f} s"
+    print(
+        f"{len(answered)} answered ({list(answered.values()).count(200)} ok); exit {exited - t_signal:.2f} s after SIGTERM"
+    )
+
+
+# -- bad checkpoints ------------------------------------------------------------------------------------------
+def _bad_checkpoint(kind: str, folder) -> tuple[str, str]:
+    """A checkpoint file that must not be served, and what the message must say about it."""
+    path = folder / f"{kind}.safetensors"
+    if kind == "missing":
+        return str(path), "does not exist"
+    if kind == "truncated":
+        data = open(SHIPPED, "rb").read()
+        path.write_bytes(data[: len(data) // 2])
+        return str(path), "truncated or corrupt"
+    if kind == "not-a-puppet":  # a valid safetensors file, not written by save_checkpoint
+        save_file(load_file(SHIPPED), str(path))
+        return str(path), "no puppet-cnn metadata"
+    assert kind == "mismatched"  # our metadata, but a tensor that does not fit the architecture
+    tensors = load_file(SHIPPED)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].flatten()[:-1].clone()
+    save_file(tensors, str(path), metadata={"puppet_cnn": json.dumps(read_metadata(SHIPPED))})
+    return str(path), f"tensor {name} has shape"
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not-a-puppet", "mismatched"])
+def test_a_bad_checkpoint_stops_the_start(kind, tmp_path):
+    path, problem = _bad_checkpoint(kind, tmp_path)
+    with pytest.raises(RuntimeError, match=r"server exited with [1-9]") as e:  # before it ever reported ready
+        LiveServer(env={"PUPPET_CHECKPOINT": path})
+    message = str(e.value)
+    assert path in message and problem in message, message
+    assert "Traceback" not in message
+
+
+def test_stats_helpers_see_the_server(pngs):
+    """The soak's measurements are real: a burst of requests shows up in the process's open descriptors."""
+    s = _server()
+    try:
+        idle = s.process_stats()
+        with httpx.Client() as client:  # one kept-alive connection is one more descriptor
+            assert (
+                client.post(s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"}).status_code
+                == 200
+            )
+            busy = s.process_stats()
+        assert busy["fds"] == idle["fds"] + 1 and idle["rss"] > 50 * 2**20 and idle["threads"] >= 2
+    finally:
+        s.stop()
