@@ -10,7 +10,7 @@ DEB_PACKAGES := dataset-fashion-mnist wrk prometheus
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
 
-.PHONY: setup system-deps test lint serve bench bench-env bench-peers train train-twin evaluate clean
+.PHONY: setup system-deps test test-slow lint serve bench bench-env bench-peers train train-twin evaluate clean
 
 setup: $(STAMP) system-deps
 
@@ -58,6 +58,10 @@ bench-peers: bench-env system-deps
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# The long reliability runs (about 15 minutes); make test runs their short versions.
+test-slow: setup
+	$(VENV)/bin/pytest -m slow -s tests/test_reliability.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

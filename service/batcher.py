@@ -19,7 +19,7 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -280,34 +280,46 @@ class Batcher:
             metrics.DEVICE_MEMORY.labels(str(self.backend.device)).set(mem)
         for d, s in seconds.items():
             metrics.INFERENCE.labels(str(d)).observe(s)
-        for d, reason, c in zip(depths, reasons, h.tolist(), strict=True):
-            metrics.DEPTH_CHOSEN.labels(str(d), reason).inc()
+        for (d, reason), count in Counter(zip(depths, reasons, strict=True)).items():
+            metrics.DEPTH_CHOSEN.labels(str(d), reason).inc(count)
+        for d, c in zip(depths, h.tolist(), strict=True):
             metrics.IMAGE_DEPTH.observe(d)
             metrics.COMPLEXITY.observe(c)
-        k = 0
+        k, hs, settled = 0, h.tolist(), []
         for item in live:
             m = len(item.images)
-            results = [ImageResult(probs[k + i], depths[k + i], reasons[k + i], float(h[k + i])) for i in range(m)]
+            results = [ImageResult(probs[k + i], depths[k + i], reasons[k + i], hs[k + i]) for i in range(m)]
             k += m
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
-            _resolve(item, result=(results, BatchTimings(start - item.enqueued, inference_s)))
+            settled.append((item, (results, BatchTimings(start - item.enqueued, inference_s)), None))
+        _settle(settled)
 
 
 def _fail(batch: list[_Item], message: str) -> None:
     """Fail every request of the batch with one error id, logged with the traceback."""
     error_id = uuid.uuid4().hex[:12]
     log.exception(message, len(batch), error_id, extra={"fields": {"error_id": error_id}})
-    for item in batch:
-        _resolve(item, exc=InferenceFailed(error_id))
+    _settle([(item, None, InferenceFailed(error_id)) for item in batch])
+
+
+def _settle(settled: list[tuple[_Item, object, Exception | None]]) -> None:
+    """Hand results to their event loops: one wake-up per loop for the whole batch, not one per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for entry in settled:
+        by_loop.setdefault(entry[0].loop, []).append(entry)
+
+    def settle(entries):
+        for item, result, exc in entries:
+            if item.future.done():  # the client went away
+                continue
+            if exc is not None:
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(result)
+
+    for loop, entries in by_loop.items():
+        loop.call_soon_threadsafe(settle, entries)
 
 
 def _resolve(item: _Item, *, result=None, exc: Exception | None = None) -> None:
-    def settle():
-        if item.future.done():  # the client went away
-            return
-        if exc is not None:
-            item.future.set_exception(exc)
-        else:
-            item.future.set_result(result)
-
-    item.loop.call_soon_threadsafe(settle)
+    _settle([(item, result, exc)])

@@ -32,12 +32,13 @@ router = APIRouter()
 INLINE_DECODE_BYTES = 256 * 1024  # smaller images decode on the event loop; larger ones in a thread
 
 
-def get_state(request: Request) -> ServiceState:
+# async: FastAPI runs a plain `def` dependency in its thread pool, a thread hand-off on every request
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def ready_state(request: Request) -> ServiceState:
-    state = get_state(request)
+async def ready_state(request: Request) -> ServiceState:
+    state = request.app.state.service
     if not state.ready or state.batcher is None:
         raise ApiError(503, "not_ready", "the model is still loading or the service is draining", {"Retry-After": "1"})
     return state

@@ -94,8 +94,13 @@ def test_request_id_is_echoed_or_made(server, test_images):
         server.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png", "X-Request-ID": "abc-123"}
     )
     assert r.headers["x-request-id"] == "abc-123"
-    r = _classify_png(server.url, pngs[0])
-    assert len(r.headers["x-request-id"]) == 32
+    made = [_classify_png(server.url, pngs[0]).headers["x-request-id"] for _ in range(3)]
+    assert len(set(made)) == 3 and all(len(i) >= 14 for i in made), made  # fresh and distinct
+    # an unusable id (too long, or not printable ASCII) is replaced, never echoed or logged
+    r = httpx.post(
+        server.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png", "X-Request-ID": "x" * 200}
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] != "x" * 200
 
 
 def test_max_depth_caps_and_metrics_move_exactly(server, test_images, offline):

@@ -23,7 +23,6 @@ def _loss(model, ckpt_pre, images, labels):
         return [F.cross_entropy(model(x, d), labels).item() for d in range(1, 4)]
 
 
-@pytest.mark.slow
 def test_a_few_hundred_steps_lower_the_loss_at_every_depth(tmp_path):
     cfg = TrainConfig(
         **SMALL, epochs=1, batch_size=32, limit=10600, val_size=1000, lr=1e-2, out=str(tmp_path / "m.safetensors")
@@ -48,7 +47,6 @@ def test_a_few_hundred_steps_lower_the_loss_at_every_depth(tmp_path):
     assert loaded.metrics["validation"]["epoch"] == 1
 
 
-@pytest.mark.slow
 def test_resume_continues_from_the_saved_state(tmp_path):
     out = str(tmp_path / "m.safetensors")
     common = dict(**SMALL, batch_size=64, limit=1500, val_size=300, out=out, bf16=False)
@@ -59,7 +57,6 @@ def test_resume_continues_from_the_saved_state(tmp_path):
     assert resumed.history[1]["step"] == 2 * resumed.history[0]["step"]
 
 
-@pytest.mark.slow
 def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
