@@ -7,6 +7,7 @@ refused with a clear error instead of being served.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -124,9 +125,17 @@ def verified_export(ckpt: Checkpoint, out_dir: str | Path) -> dict[int, Path]:
 
 
 def ensure_export(ckpt: Checkpoint, out_dir: str | Path) -> dict[int, Path]:
-    """Reuse a valid export in out_dir, or (re)create it when missing or stale."""
-    try:
-        return verified_export(ckpt, out_dir)
-    except OnnxExportError:
-        export_onnx(ckpt, out_dir)
-        return verified_export(ckpt, out_dir)
+    """Reuse a valid export in out_dir, or (re)create it when missing or stale.
+
+    Several processes may ask at once (serving workers): a lock file beside out_dir lets one export while
+    the others wait, then find its export valid.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return verified_export(ckpt, out_dir)
+        except OnnxExportError:
+            export_onnx(ckpt, out_dir)
+            return verified_export(ckpt, out_dir)

@@ -292,7 +292,8 @@ def _degraded(url: str) -> float:
 
 
 def service_systems(backend: str) -> list[System]:
-    extra = {"backend": backend}
+    """Batching and depth policy compared within one serving process (`--peers` measures the whole service)."""
+    extra = {"backend": backend, "workers": "1"}
     return [
         System(f"{backend}: batching, auto depth", {**extra, "max_batch_size": "32"}),
         System(f"{backend}: no batching, auto depth", {**extra, "max_batch_size": "1"}),
@@ -325,7 +326,8 @@ def render(report: dict) -> str:
 # -- ours against peers (--peers) ------------------------------------------------------------------------
 
 BEST, DEFAULT = "ours: onnx, batching (best)", "ours: defaults (torch)"
-LITSERVE, PLAIN, CEILING = "litserve: batching", "plain fastapi: per request", "ceiling: decode, constant"
+LITSERVE, LITSERVE2 = "litserve: batching", "litserve: batching, 2 workers"
+PLAIN, CEILING = "plain fastapi: per request", "ceiling: decode, constant"
 # issue 6, at concurrency 32 on the 2-core CPU
 PEER_TARGETS = {
     "vs_litserve_throughput": 1.5,
@@ -347,21 +349,22 @@ def peer_systems(*, max_batch_size: int = 32, litserve_batch_timeout_ms: float =
     Best: the onnx backend with batching, the fastest configuration in docs/benchmarks.md at every
     concurrency, and degrade-under-load off so that every answer does the same work as the peers' (the
     measured `onnx: batching, auto depth` system of `make bench`). Default: no PUPPET_* setting at all.
+    Both run one worker process per core (PUPPET_WORKERS=0, auto), so LitServe runs twice: with its default
+    single inference worker, and with one per core (workers_per_device=2); ours is compared with the faster.
     """
+    litserve = [
+        "benchmarks.peers.litserve_server",
+        "--max-batch-size",
+        str(max_batch_size),
+        "--batch-timeout-ms",
+        str(litserve_batch_timeout_ms),
+    ]
     return [
         System(BEST, {**COMMON, "backend": "onnx", "max_batch_size": str(max_batch_size)}),
         System(DEFAULT, {}),
-        System(
-            LITSERVE,
-            peer=[
-                "benchmarks.peers.litserve_server",
-                "--max-batch-size",
-                str(max_batch_size),
-                "--batch-timeout-ms",
-                str(litserve_batch_timeout_ms),
-            ],
-            pause_when_idle=True,  # its batch loop polls the request queue nonstop, even with nothing to do
-        ),
+        # its batch loop polls the request queue nonstop, even with nothing to do: paused while others run
+        System(LITSERVE, peer=litserve, pause_when_idle=True),
+        System(LITSERVE2, peer=[*litserve, "--workers", "2"], pause_when_idle=True),
         System(PLAIN, peer=["benchmarks.peers.plain_fastapi"]),
         System(CEILING, peer=["benchmarks.peers.ceiling"]),
     ]
@@ -371,8 +374,11 @@ def peer_ratios(results: dict, concurrencies: list[int]) -> dict:
     ratios = {}
     for ours in (BEST, DEFAULT):
         for c in concurrencies:
-            o, ls, plain, ceiling = (results[n][c] for n in (ours, LITSERVE, PLAIN, CEILING))
+            o, plain, ceiling = (results[n][c] for n in (ours, PLAIN, CEILING))
+            ls_name = max((n for n in (LITSERVE, LITSERVE2) if n in results), key=lambda n: results[n][c]["rps"])
+            ls = results[ls_name][c]  # the faster LitServe configuration at this concurrency
             ratios[f"{ours} c={c}"] = {
+                "litserve_compared": ls_name,
                 "vs_litserve_throughput": o["rps"] / ls["rps"] if ls["rps"] else None,
                 "vs_litserve_p99": o["p99_ms"] / ls["p99_ms"] if ls["p99_ms"] else None,
                 "vs_plain_throughput": o["rps"] / plain["rps"] if plain["rps"] else None,
@@ -446,8 +452,8 @@ def main_peers(args) -> int:
         "max_batch_size": 32,
         "batch_timeout_s": args.litserve_batch_timeout_ms / 1000,
         "accelerator": "cpu",
-        "workers_per_device": 1,
-        "num_api_servers": 1,
+        "workers_per_device": [1, 2],
+        "num_api_servers": "LitServe's default",
         "fast_queue": False,
         "torch_threads": 1,
     }

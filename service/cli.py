@@ -115,8 +115,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"puppet-cnn serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
         return 2
-    serve(settings)
-    return 0
+    return serve(settings)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

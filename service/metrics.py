@@ -1,11 +1,14 @@
 """Prometheus metrics, created once at import (base units, `_total` counters, bounded labels).
 
-Label values are bounded: routes are templates, depths 1..D_max, reasons from a fixed set.
+Label values are bounded: routes are templates, depths 1..D_max, reasons from a fixed set. With several worker
+processes, values live in PROMETHEUS_MULTIPROC_DIR and gauges say how workers combine (sum, min, max).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # Measured on the 2-core CPU: a lone request takes ~2 ms, a batch of 32 ~20 ms, overload pushes to seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -35,13 +38,13 @@ IMAGE_DEPTH = Histogram(
     "depth each image ran at (mean depth = rate of _sum / rate of _count)",
     buckets=(1, 2, 3, 4, 5, 6, 7, 8),
 )
-MAX_DEPTH = Gauge("puppet_max_depth", "deepest depth the loaded model offers")
+MAX_DEPTH = Gauge("puppet_max_depth", "deepest depth the loaded model offers", multiprocess_mode="livemax")
 COMPLEXITY = Histogram(
     "puppet_complexity_bits", "input complexity H(x) of classified images", buckets=COMPLEXITY_BUCKETS
 )
 BATCH_SIZE = Histogram("puppet_batch_size_images", "images per worker batch", buckets=BATCH_BUCKETS)
-QUEUE_LENGTH = Gauge("puppet_queue_length_images", "images waiting for the worker")
-IN_FLIGHT = Gauge("puppet_in_flight_requests", "HTTP requests being handled")
+QUEUE_LENGTH = Gauge("puppet_queue_length_images", "images waiting for the worker", multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("puppet_in_flight_requests", "HTTP requests being handled", multiprocess_mode="livesum")
 REJECTIONS = Counter("puppet_rejections_total", "requests refused before inference, by reason", ["reason"])
 KERNEL_GENERATION = Histogram(
     "puppet_kernel_generation_seconds", "generating every depth's kernels", buckets=FAST_BUCKETS
@@ -50,9 +53,24 @@ MODEL_INFO = Gauge(
     "puppet_model_info",
     "the loaded model (value 1)",
     ["version", "backend", "provider", "device", "max_depth", "sha256"],
+    multiprocess_mode="livemax",
 )
-READY = Gauge("puppet_ready", "1 when loaded, warm and not draining")
-LOAD_SECONDS = Gauge("puppet_model_load_seconds", "checkpoint load time at start-up")
-WARMUP_SECONDS = Gauge("puppet_warmup_seconds", "warm-up time of every depth at start-up")
-DEVICE_MEMORY = Gauge("puppet_device_memory_bytes", "GPU memory allocated by the worker (CUDA only)", ["device"])
+READY = Gauge("puppet_ready", "1 when loaded, warm and not draining", multiprocess_mode="livemin")
+LOAD_SECONDS = Gauge("puppet_model_load_seconds", "checkpoint load time at start-up", multiprocess_mode="livemax")
+WARMUP_SECONDS = Gauge("puppet_warmup_seconds", "warm-up time of every depth at start-up", multiprocess_mode="livemax")
+DEVICE_MEMORY = Gauge(
+    "puppet_device_memory_bytes",
+    "GPU memory allocated by the worker (CUDA only)",
+    ["device"],
+    multiprocess_mode="livesum",
+)
 WORKER_RESTARTS = Counter("puppet_worker_restarts_total", "inference worker restarts after a crash")
+
+
+def exposition() -> bytes:
+    """The text format: this process's metrics, or every worker's summed when several serve (workers.py)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()

@@ -23,6 +23,7 @@ import uvicorn
 from service.app import create_app
 from service.logs import configure_logging
 from service.settings import Settings
+from service.workers import Supervisor, worker_count
 
 log = logging.getLogger("puppet.server")
 
@@ -34,8 +35,8 @@ class DrainingServer(uvicorn.Server):
         self._drain_started = False
 
     def handle_exit(self, sig, frame) -> None:
-        if self._drain_started:
-            return super().handle_exit(sig, frame)
+        if self._drain_started:  # a second SIGINT exits at once; a repeated SIGTERM changes nothing
+            return super().handle_exit(sig, frame) if sig == signal.SIGINT else None
         self._drain_started = True
         self.state.draining = True
         self.state.set_ready(False)
@@ -54,8 +55,17 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=drain, name="puppet-drain", daemon=True).start()
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT: in this process, or in several (service/workers.py). Returns the exit status."""
     configure_logging(settings.log_level, settings.log_format)
+    workers = worker_count(settings)
+    if workers == 1:
+        run_server(settings)
+        return 0
+    return Supervisor(settings, workers).run()
+
+
+def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -67,7 +77,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         lifespan="on",
     )
-    DrainingServer(config, app.state.service, settings.drain_timeout_s).run()
+    DrainingServer(config, app.state.service, settings.drain_timeout_s).run(sockets=sockets)
 
 
 def free_port() -> int:

@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     kernel_cache: bool = Field(True, description="generate kernels once; off regenerates them per batch")
     degrade_under_load: bool = Field(True, description="cap the depth instead of missing the deadline")
     degrade_depth: int = Field(1, ge=1, description="the depth cap applied under load")
-    torch_threads: int = Field(1, ge=1, description="intra-op threads of the inference worker")
+    workers: int = Field(
+        0, ge=0, le=64, description="serving processes; 0 = auto: one per CPU core on the CPU, one on a GPU"
+    )
+    torch_threads: int = Field(1, ge=1, description="intra-op threads of each inference worker")
     worker_restart_backoff_s: float = Field(
         1.0,
         ge=0,

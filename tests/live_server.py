@@ -18,6 +18,7 @@ class LiveServer(ServerProcess):
         full_env = {
             "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
             "OMP_NUM_THREADS": "1",
+            "PUPPET_WORKERS": "1",  # exact batching and metric semantics; test_workers.py runs several
             "PUPPET_CHECKPOINT": os.environ.get("PUPPET_CHECKPOINT", SHIPPED),
             **(env or {}),
         }

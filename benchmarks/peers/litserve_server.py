@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         "--batch-timeout-ms", type=float, default=0.0, help="the service's PUPPET_MAX_QUEUE_DELAY_MS (0: never wait)"
     )
     p.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ transport instead of multiprocessing")
+    p.add_argument("--workers", type=int, default=1, help="LitServe's workers_per_device (inference processes)")
     args = p.parse_args(argv)
     api = PuppetLitAPI(
         str(args.checkpoint),
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         api_path="/classify",
     )
     server = ls.LitServer(
-        api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30, fast_queue=args.fast_queue
+        api, accelerator="cpu", devices=1, workers_per_device=args.workers, timeout=30, fast_queue=args.fast_queue
     )
     # access_log=False as in the service's uvicorn settings (service/server.py)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False, access_log=False)

@@ -1,0 +1,130 @@
+"""Several serving processes on one port: a supervisor that binds the socket, starts the workers and keeps them.
+
+Why processes: one process is bound by its interpreter lock, which the event loop (HTTP, decoding) and the
+inference thread share; two processes on two cores served 1.9-2.0x the requests of one (docs/benchmarks.md).
+Each worker is a whole service (event loop, batcher, model) on the shared listening socket; the kernel
+spreads connections between them. Prometheus metrics are aggregated across workers through
+`PROMETHEUS_MULTIPROC_DIR` (a fresh directory per start), so /metrics from any worker tells the whole story.
+
+The supervisor restarts a worker process that dies (after `worker_restart_backoff_s`); a worker that fails
+to start (bad checkpoint, stale export) stops everything with its exit status. SIGTERM/SIGINT go to every
+worker, each drains its in-flight requests, and the supervisor exits 0 once all have exited cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+
+from uvicorn.config import STARTUP_FAILURE
+
+from service.settings import Settings
+
+log = logging.getLogger("puppet.supervisor")
+
+
+def worker_count(settings: Settings) -> int:
+    """`workers`, or for 0 (auto): one per usable CPU core on the CPU, one on a GPU (it batches there)."""
+    if settings.workers:
+        return settings.workers
+    if settings.device != "cpu":
+        import torch
+
+        if settings.device.startswith("cuda") or torch.cuda.is_available():
+            return 1
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _worker(settings: Settings, sock: socket.socket) -> None:
+    from service.logs import configure_logging
+    from service.server import run_server
+
+    configure_logging(settings.log_level, settings.log_format)
+    run_server(settings, sockets=[sock])
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, workers: int):
+        self.settings, self.n = settings, workers
+        self.signals = 0
+        self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked
+
+    def _on_signal(self, sig, frame) -> None:
+        self.signals += 1
+        if self.signals > 1:  # a second signal: stop now
+            for p in self.procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
+
+    def _spawn(self, sock: socket.socket) -> multiprocessing.Process:
+        p = self.context.Process(target=_worker, args=(self.settings, sock), name="puppet-serve-worker")
+        p.start()
+        return p
+
+    def run(self) -> int:
+        s = self.settings
+        metrics_dir = tempfile.mkdtemp(prefix="puppet-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by every worker
+        sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((s.host, s.port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info("serving on %s:%d with %d worker processes", s.host, s.port, self.n)
+        self.procs = [self._spawn(sock) for _ in range(self.n)]
+        try:
+            while not self.signals:
+                time.sleep(0.1)
+                for i, p in enumerate(self.procs):
+                    if p.is_alive() or self.signals:
+                        continue
+                    if p.exitcode == STARTUP_FAILURE:  # it said why; restarting would only say it again
+                        log.critical("a worker could not start (exit %d); stopping", p.exitcode)
+                        self.signals = 1
+                        self._stop()
+                        return STARTUP_FAILURE
+                    log.error(
+                        "worker process %d exited with %s; restarting it in %.1f s",
+                        p.pid,
+                        p.exitcode,
+                        s.worker_restart_backoff_s,
+                    )
+                    _mark_dead(p.pid)
+                    time.sleep(s.worker_restart_backoff_s)
+                    if not self.signals:
+                        self.procs[i] = self._spawn(sock)
+            return self._stop()
+        finally:
+            sock.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _stop(self) -> int:
+        """Every worker drains (SIGTERM); kill what is still running well after the drain timeout."""
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.drain_timeout_s + 10
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                log.error("worker process %d did not stop in time; killing it", p.pid)
+                p.kill()
+                p.join()
+        codes = [p.exitcode for p in self.procs]
+        log.info("all workers stopped (exit codes %s)", codes)
+        # -SIGTERM: a worker still importing when the signal came (uvicorn's handlers were not installed yet)
+        return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+
+
+def _mark_dead(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)

@@ -1,0 +1,142 @@
+"""Several serving processes on one port (service/workers.py): shared metrics, restarts, drain, failed starts."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from live_server import LiveServer
+
+from model import load_dataset
+from model.data import encode_png
+
+
+@pytest.fixture(scope="module")
+def pngs():
+    data = load_dataset("fashion-mnist", "test").subset(slice(0, 32))
+    return [encode_png(img) for img in data.images]
+
+
+def _children(pid: int) -> set[int]:
+    """The serving worker processes of the supervisor `pid` (not multiprocessing's resource tracker)."""
+    pids = set()
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
+        try:
+            if b"spawn_main" in open(f"/proc/{child}/cmdline", "rb").read():
+                pids.add(int(child))
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def _post(url, png, **params):
+    return httpx.post(url + "/classify", content=png, headers={"Content-Type": "image/png"}, params=params, timeout=60)
+
+
+def _access_pids(output: str) -> set[int]:
+    pids = set()
+    for line in output.splitlines():
+        if line.startswith("{") and '"puppet.access"' in line:
+            record = json.loads(line)
+            if record["path"] == "/classify":
+                pids.add(record["pid"])
+    return pids
+
+
+def test_two_workers_share_the_port_and_their_metrics_add_up(pngs):
+    s = LiveServer(workers=2, log_level="info", max_batch_size=4)
+    try:
+        assert len(_children(s.proc.pid)) == 2
+        single = [_post(s.url, png).json()["results"][0] for png in pngs[:4]]
+        with cf.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda i: _post(s.url, pngs[i % len(pngs)]), range(96)))
+        assert [r.status_code for r in answers] == [200] * 96
+        for i in range(4):  # the same answer from whichever worker
+            got = answers[i].json()["results"][0]
+            assert (got["depth"], got["predictions"][0]["label"]) == (
+                single[i]["depth"],
+                single[i]["predictions"][0]["label"],
+            )
+        # /metrics from either worker counts every request of both
+        for _ in range(4):
+            assert s.metric("puppet_requests_total", route="/classify", status="200") == 100
+            assert s.metric("puppet_batch_size_images_sum") == 100
+            assert s.metric("puppet_ready") == 1
+            assert s.metric("puppet_max_depth") == 4
+    finally:
+        output = s.stop()
+    assert s.proc.returncode == 0
+    assert len(_access_pids(output)) == 2, "both processes should have served requests"
+
+
+def test_a_worker_process_that_dies_is_replaced(pngs):
+    s = LiveServer(workers=2, worker_restart_backoff_s=0.2, log_level="info")
+    try:
+        first = _children(s.proc.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        # the other worker keeps answering while the supervisor replaces the dead one
+        assert all(_post(s.url, png).status_code == 200 for png in pngs[:8])
+        deadline = time.monotonic() + 60
+        while True:
+            now = _children(s.proc.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            assert time.monotonic() < deadline, f"no replacement: {now}"
+            time.sleep(0.1)
+        (new,) = now - first
+        while f'"pid":{new},"message":"model' not in s.output():  # the replacement has loaded the model
+            assert time.monotonic() < deadline, "the replacement never became ready"
+            time.sleep(0.1)
+        assert httpx.get(s.url + "/health/ready").status_code == 200 and s.metric("puppet_ready") == 1
+        assert all(_post(s.url, png).status_code == 200 for png in pngs[:8])
+    finally:
+        output = s.stop()
+    assert f"worker process {victim} exited with -9" in output
+    assert s.proc.returncode == 0, [line for line in output.splitlines() if "supervisor" in line]
+
+
+def test_sigterm_drains_every_worker(pngs):
+    s = LiveServer(workers=2, max_batch_size=8, max_queue=1024, drain_timeout_s=20)
+    with cf.ThreadPoolExecutor(8) as pool:
+        files = [("files", (f"{j}.png", pngs[j % len(pngs)], "image/png")) for j in range(64)]
+        in_flight = [
+            pool.submit(httpx.post, s.url + "/classify", files=files, params={"depth": 4}, timeout=60) for _ in range(8)
+        ]
+        deadline = time.monotonic() + 10
+        while s.metric("puppet_in_flight_requests") < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        s.terminate()
+        answers = [f.result() for f in in_flight]
+    rc = s.proc.wait(30)
+    assert [r.status_code for r in answers] == [200] * 8 and all(len(r.json()["results"]) == 64 for r in answers)
+    assert rc == 0 and time.monotonic() - t0 < 20
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(RuntimeError, match=r"server exited with 3") as e:
+        LiveServer(workers=2, env={"PUPPET_CHECKPOINT": str(bad)})
+    assert str(bad) in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_workers_starting_together_make_one_onnx_export(tmp_path, pngs):
+    cache = tmp_path / "onnx-cache"  # empty: both workers want to export at once
+    s = LiveServer(workers=2, backend="onnx", onnx_cache_dir=cache)
+    try:
+        with cf.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: _post(s.url, pngs[i % len(pngs)]), range(32)))
+        assert [r.status_code for r in answers] == [200] * 32
+        assert {r.json()["backend"]["name"] for r in answers} == {"onnx"}
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0
+    exports = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(exports) == 1 and (exports[0] / "manifest.json").is_file()
