@@ -26,6 +26,7 @@ from service.settings import Settings
 from service.workers import Supervisor, worker_count
 
 log = logging.getLogger("puppet.server")
+DRAIN_LINGER_S = 0.2
 
 
 class DrainingServer(uvicorn.Server):
@@ -48,6 +49,8 @@ class DrainingServer(uvicorn.Server):
             deadline = time.monotonic() + self.drain_timeout_s
             while self.state.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            # a request already on its way gets its 503 rather than a reset connection
+            time.sleep(min(DRAIN_LINGER_S, max(0.0, deadline - time.monotonic())))
             # set directly rather than through handle_exit, which would re-raise the signal at exit
             # and end a clean drain with status -15 instead of 0
             self.should_exit = True
