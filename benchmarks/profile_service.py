@@ -23,11 +23,12 @@ from service.bench import WRK_SCRIPT, Server, run_wrk, write_images
 
 # first matching rule wins, tried from the innermost frame outwards
 STAGES = [
-    ("model", ("onnxruntime", "backends.py:predict", "puppet.py", "puppeteer.py", "torch/nn/")),
-    ("complexity", ("complexity.py",)),
-    ("decode", ("imaging.py", "PIL/")),
+    # py-spy names a frame `function (path:line)`
+    ("model", ("onnxruntime", "predict (service/backends.py", "_run (service/backends.py", "puppet.py", "torch/nn/")),
+    ("complexity", ("complexity.py", "complexity (service/backends.py")),
+    ("decode", ("imaging.py", "PIL/", "decode_all (service/routes.py")),
     ("body parsing", ("uploads.py", "json/decoder.py", "base64.py", "multipart")),
-    ("response encoding", ("routes.py:top_k", "json/encoder.py", "responses.py:render", "JSONResponse")),
+    ("response encoding", ("top_k (service/routes.py", "json/encoder.py", "render (starlette", "JSONResponse")),
     ("metrics and logging", ("prometheus_client", "logs.py", "logging/")),
     ("batching and queue", ("batcher.py",)),
     ("HTTP and framework", ("uvicorn", "starlette", "fastapi", "httptools", "h11", "asyncio", "uvloop", "anyio")),

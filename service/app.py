@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from model import Checkpoint, CheckpointError, load_checkpoint
 from model.onnx_export import OnnxExportError, ensure_export, verified_export
@@ -143,9 +144,11 @@ class MetricsMiddleware:
             if self.state.draining and not path.startswith(HEALTH_PATHS):
                 metrics.REJECTIONS.labels("draining").inc()
                 fields["error"] = "draining"
-                response = error_response(
-                    503, "draining", "the service is shutting down; retry on another instance", {"Retry-After": "1"}
-                )
+                message, headers = "the service is shutting down; retry on another instance", {"Retry-After": "1"}
+                if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+                    response = JSONResponse({"error": message}, status_code=503, headers=headers)
+                else:
+                    response = error_response(503, "draining", message, headers)
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)

@@ -61,6 +61,7 @@ class InferenceFailed(Exception):
 @dataclass
 class ImageResult:
     probabilities: torch.Tensor  # (K,)
+    ranked: list[tuple[int, float]]  # (class id, probability), most probable first
     depth: int
     reason: str
     complexity: float
@@ -248,10 +249,12 @@ class Batcher:
                 live.append(item)
         if not live:
             return
-        # uint8 uploads and float [0, 1] tensors (OIP FP32) share one batch as intensities in [0, 1]
-        images = torch.cat(
-            [item.images.float() / 255.0 if item.images.dtype == torch.uint8 else item.images for item in live]
-        )
+        if all(item.images.dtype == torch.uint8 for item in live):  # uploads: levels, as decoded
+            images = torch.cat([item.images for item in live])
+        else:  # with OIP FP32 tensors in the batch: everything as intensities in [0, 1]
+            images = torch.cat(
+                [item.images.float() / 255.0 if item.images.dtype == torch.uint8 else item.images for item in live]
+            )
         h = self.backend.complexity(images)
         auto = self.policy.auto(h).tolist()
         depths, reasons, k = [], [], 0
@@ -285,10 +288,14 @@ class Batcher:
         for d, c in zip(depths, h.tolist(), strict=True):
             metrics.IMAGE_DEPTH.observe(d)
             metrics.COMPLEXITY.observe(c)
+        values, classes = probs.sort(dim=1, descending=True)  # once per batch, not per request on the loop
+        ranked = [list(zip(c, v, strict=True)) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
         k, hs, settled = 0, h.tolist(), []
         for item in live:
             m = len(item.images)
-            results = [ImageResult(probs[k + i], depths[k + i], reasons[k + i], hs[k + i]) for i in range(m)]
+            results = [
+                ImageResult(probs[k + i], ranked[k + i], depths[k + i], reasons[k + i], hs[k + i]) for i in range(m)
+            ]
             k += m
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
             settled.append((item, (results, BatchTimings(start - item.enqueued, inference_s)), None))

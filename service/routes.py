@@ -100,12 +100,8 @@ async def infer(
     return results, timings
 
 
-def top_k(probabilities: torch.Tensor, k: int, classes: tuple[str, ...]) -> list[dict]:
-    values, indices = probabilities.topk(k)
-    return [
-        {"label": classes[i], "class_id": i, "probability": round(float(v), 7)}
-        for v, i in zip(values.tolist(), indices.tolist(), strict=True)
-    ]
+def top_k(ranked: list[tuple[int, float]], k: int, classes: tuple[str, ...]) -> list[dict]:
+    return [{"label": classes[i], "class_id": i, "probability": round(v, 7)} for i, v in ranked[:k]]
 
 
 @router.post(
@@ -146,7 +142,7 @@ async def classify(request: Request, state: ReadyState) -> JSONResponse:
     body = {
         "results": [
             {
-                "predictions": top_k(r.probabilities, k, ckpt.classes),
+                "predictions": top_k(r.ranked, k, ckpt.classes),
                 "depth": r.depth,
                 "depth_reason": r.reason,
                 "complexity": round(r.complexity, 5),

@@ -7,6 +7,7 @@ SIGINT exits at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -49,13 +50,21 @@ class DrainingServer(uvicorn.Server):
             deadline = time.monotonic() + self.drain_timeout_s
             while self.state.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            # a request already on its way gets its 503 rather than a reset connection
+            # a connection already on its way is accepted and answered 503 rather than reset
             time.sleep(min(DRAIN_LINGER_S, max(0.0, deadline - time.monotonic())))
             # set directly rather than through handle_exit, which would re-raise the signal at exit
             # and end a clean drain with status -15 instead of 0
             self.should_exit = True
 
         threading.Thread(target=drain, name="puppet-drain", daemon=True).start()
+
+    async def shutdown(self, sockets=None) -> None:
+        """Stop accepting first, then give requests already read off accepted connections a moment to be
+        answered (uvicorn would otherwise close every connection that has no response under way)."""
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(DRAIN_LINGER_S)
+        await super().shutdown(sockets=sockets)
 
 
 def serve(settings: Settings) -> int:

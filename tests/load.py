@@ -7,6 +7,7 @@ the HTTP layer, is what saturates on a 2-core machine: a modest request rate is 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import statistics
 import time
@@ -46,7 +47,8 @@ class _Connection:
 class Client:
     """Pre-encoded POST /classify requests with several images as multipart, over a pool of connections."""
 
-    def __init__(self, url: str, pngs: list[bytes], images_per_request: int, query: str = ""):
+    def __init__(self, url: str, pngs: list[bytes], images_per_request: int, query: str = "", keep_bodies=True):
+        self.keep_bodies = keep_bodies
         parsed = urllib.parse.urlsplit(url)
         self.host, self.port = parsed.hostname, parsed.port
         self.pool: list[_Connection] = []
@@ -99,8 +101,9 @@ class Client:
             conn.writer.close()
         else:
             self.pool.append(conn)
-        parsed = json.loads(body) if headers.get("content-type", "").startswith("application/json") else None
-        return Outcome(t0, time.monotonic() - t0, status, body=parsed, headers=headers)
+        keep = self.keep_bodies or status != 200
+        parsed = json.loads(body) if keep and headers.get("content-type", "").startswith("application/json") else None
+        return Outcome(t0, time.monotonic() - t0, status, body=parsed, headers=headers if keep else None)
 
     def close(self) -> None:
         for conn in self.pool:
@@ -135,12 +138,24 @@ def capacity(url: str, pngs: list[bytes], *, images_per_request: int, seconds: f
 
 
 def open_loop(
-    url: str, pngs: list[bytes], *, rate: float, seconds: float, images_per_request: int, query: str = ""
+    url: str,
+    pngs: list[bytes],
+    *,
+    rate: float,
+    seconds: float,
+    images_per_request: int,
+    query: str = "",
+    keep_bodies: bool = True,
 ) -> list[Outcome]:
-    """Send `rate` requests per second for `seconds`, whatever the answers, and wait for every answer."""
+    """Send `rate` requests per second for `seconds`, whatever the answers, and wait for every answer.
+
+    The client's garbage collector is off meanwhile: a pause of the client would otherwise be followed by a
+    burst of overdue requests that the server never saw coming. `keep_bodies=False` keeps only the bodies
+    of failed answers (a long run's memory).
+    """
 
     async def run() -> list[Outcome]:
-        client = Client(url, pngs, images_per_request, query)
+        client = Client(url, pngs, images_per_request, query, keep_bodies=keep_bodies)
         tasks = []
         t0 = time.monotonic()
         for i in range(int(rate * seconds)):
@@ -152,7 +167,11 @@ def open_loop(
         client.close()
         return outcomes
 
-    return asyncio.run(run())
+    gc.disable()
+    try:
+        return asyncio.run(run())
+    finally:
+        gc.enable()
 
 
 def p50_latency(url: str, png: bytes, n: int = 30) -> float:
