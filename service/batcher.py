@@ -285,12 +285,13 @@ class Batcher:
             metrics.INFERENCE.labels(str(d)).observe(s)
         for (d, reason), count in Counter(zip(depths, reasons, strict=True)).items():
             metrics.DEPTH_CHOSEN.labels(str(d), reason).inc(count)
-        for d, c in zip(depths, h.tolist(), strict=True):
+        hs = h.tolist()
+        for d, c in zip(depths, hs, strict=True):
             metrics.IMAGE_DEPTH.observe(d)
             metrics.COMPLEXITY.observe(c)
         values, classes = probs.sort(dim=1, descending=True)  # once per batch, not per request on the loop
         ranked = [list(zip(c, v, strict=True)) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
-        k, hs, settled = 0, h.tolist(), []
+        k, settled = 0, []
         for item in live:
             m = len(item.images)
             results = [

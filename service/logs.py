@@ -1,6 +1,6 @@
 """Logging: one JSON object per line on stderr (or plain text for people at a terminal).
 
-Every record carries `ts`, `level`, `logger` and `message`; structured fields travel in `extra={"fields": {...}}`
+Every record carries `ts`, `level`, `logger`, `pid` and `message`; structured fields travel in `extra={"fields": {...}}`
 and become top-level keys. The access log (`puppet.access`) writes one line per request: request id, route,
 status, images, depths and why, timings, and for failures the error code and error id. Image bytes never
 appear in a log line: handlers record sizes and decisions, not payloads.
