@@ -1,10 +1,11 @@
 """Where a request's time goes in our service under load: py-spy samples of the server, grouped by stage.
 
-    .venv-bench/bin/python -m benchmarks.profile_service --concurrency 32 --seconds 10 [--set backend=onnx ...]
+    make bench-env
+    .venv-bench/bin/python -m benchmarks.profile_service --concurrency 32 --seconds 10 --set backend=onnx workers=1
 
 Starts `puppet-cnn serve` (settings as PUPPET_* key=value pairs), drives it with wrk (the JSON bodies of
-`puppet-cnn bench --peers`), samples every thread of the server with py-spy (GIL holders and native code
-included, idle threads excluded) and prints, per thread, the share of samples in each stage: HTTP (uvicorn,
+`puppet-cnn bench --peers`), samples every thread of the server with py-spy (idle samples left out; a thread
+inside onnxruntime or torch counts as active) and prints, per thread, the share of samples in each stage: HTTP (uvicorn,
 Starlette/FastAPI routing and middleware), body parsing (JSON, base64), decode (Pillow, resize, normalise),
 complexity, batching and queue, the model, response encoding (top-k, JSON), metrics and logging.
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -55,7 +59,7 @@ def profile(settings: dict[str, str], concurrency: int, seconds: int) -> dict:
             raw = tmp / "profile.txt"
             spy = subprocess.Popen(
                 [
-                    "py-spy",
+                    shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy",
                     "record",
                     "--pid",
                     str(server.proc.pid),

@@ -27,12 +27,16 @@ class Outcome:
     headers: dict | None = None
 
 
+IDLE_LIMIT_S = 4.0  # below the server's keep-alive timeout
+
+
 class _Connection:
     """One keep-alive HTTP/1.1 connection over asyncio streams: cheap enough that the client never saturates
     first (httpx spends ~1 ms of CPU a request, which on 2 cores caps the load below the server's capacity)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
+        self.last_used = time.monotonic()
 
     async def request(self, raw: bytes) -> tuple[int, dict, bytes]:
         self.writer.write(raw)
@@ -74,9 +78,10 @@ class Client:
     def _idle(self) -> _Connection | None:
         while self.pool:
             conn = self.pool.pop()
-            if not conn.reader.at_eof():
+            # not one the server has closed, or is about to close, for being idle (uvicorn: after 5 s)
+            if not conn.reader.at_eof() and time.monotonic() - conn.last_used < IDLE_LIMIT_S:
                 return conn
-            conn.writer.close()  # the server closed it while idle (keep-alive timeout)
+            conn.writer.close()
         return None
 
     async def post(self, i: int) -> Outcome:
@@ -93,10 +98,14 @@ class Client:
                 if conn is not None:
                     conn.writer.close()
                 # a kept-alive connection the server closed just as we sent: nothing was read, try a fresh one
-                stale = attempt == 1 and reused and isinstance(e, asyncio.IncompleteReadError) and not e.partial
+                closed = isinstance(e, ConnectionResetError | BrokenPipeError) or (
+                    isinstance(e, asyncio.IncompleteReadError) and not e.partial
+                )
+                stale = attempt == 1 and reused and closed
                 if not stale:
                     return Outcome(t0, time.monotonic() - t0, 0, type(e).__name__)
                 conn = None
+        conn.last_used = time.monotonic()
         if headers.get("connection", "").lower() == "close":
             conn.writer.close()
         else:

@@ -58,7 +58,8 @@ def _overload(pngs, seconds: float) -> None:
         outcomes = open_loop(s.url, pngs, rate=3 * cap, seconds=seconds, images_per_request=IMAGES_PER_REQUEST)
         statuses = [o.status for o in outcomes]
         counts = {code: statuses.count(code) for code in set(statuses)}
-        summary = f"capacity {cap:.1f} req/s x {IMAGES_PER_REQUEST} images, sent {len(outcomes)} at 3x: {counts}"
+        errors = {o.error for o in outcomes if o.status == 0}
+        summary = f"capacity {cap:.1f} req/s x {IMAGES_PER_REQUEST} images, sent {len(outcomes)} at 3x: {counts} {errors or ''}"
         assert set(counts) <= {200, 429}, summary  # no 5xx, no 504, no dropped connection
         assert counts.get(429, 0) > 0, f"3x capacity should be refused in part: {summary}"
         assert counts.get(200, 0) > 0, summary
