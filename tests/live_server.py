@@ -16,7 +16,9 @@ __all__ = ["SHIPPED", "LiveServer", "free_port"]
 class LiveServer(ServerProcess):
     def __init__(self, *, command: list[str] | None = None, env: dict[str, str] | None = None, **settings):
         full_env = {
-            "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH")])
+            ),
             "OMP_NUM_THREADS": "1",
             "PUPPET_WORKERS": "1",  # exact batching and metric semantics; test_workers.py runs several
             "PUPPET_CHECKPOINT": os.environ.get("PUPPET_CHECKPOINT", SHIPPED),
