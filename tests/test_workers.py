@@ -48,9 +48,18 @@ def _access_pids(output: str) -> set[int]:
     return pids
 
 
+def _wait_until_loaded(s: LiveServer, n: int) -> None:
+    """Readiness answers once one worker is up; wait until `n` have logged that their model is loaded."""
+    deadline = time.monotonic() + 60
+    while len({line.split('"pid":')[1].split(",")[0] for line in s.output().splitlines() if "loaded on" in line}) < n:
+        assert time.monotonic() < deadline, "the workers did not all start"
+        time.sleep(0.1)
+
+
 def test_two_workers_share_the_port_and_their_metrics_add_up(pngs):
     s = LiveServer(workers=2, log_level="info", max_batch_size=4)
     try:
+        _wait_until_loaded(s, 2)  # else the first requests all go to the one that is listening
         assert len(_children(s.proc.pid)) == 2
         single = [_post(s.url, png).json()["results"][0] for png in pngs[:4]]
         with cf.ThreadPoolExecutor(32) as pool:
