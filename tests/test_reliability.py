@@ -246,9 +246,7 @@ def test_sigterm_under_load_loses_no_accepted_request(pngs):
         for t in threads:
             t.join(30)
     output = s.output()
-    lost = [r for r in results if r[2] == -1]
-    assert not lost, f"requests dropped mid-way: {lost[:5]}"
-    assert {r[2] for r in results} <= {200, 503, 0}
+    assert {r[2] for r in results} <= {200, 503, 0, -1}
     assert all(r[3] == "draining" for r in results if r[2] == 503)
     assert [r for r in results if r[2] == 503], "requests after the signal should have been refused with 503"
     assert all(r[2] == 200 for r in results if r[1] < t_signal - 0.5), "a request sent well before the signal failed"
@@ -260,6 +258,11 @@ def test_sigterm_under_load_loses_no_accepted_request(pngs):
     }
     answered = {r[0]: r[2] for r in results if r[2] in (200, 503)}
     assert logged == answered
+    # A connection cut without any answer: clients that keep opening connections race the listening socket's
+    # close, and one still in the kernel's accept queue then is reset. Allowed only for a request the service
+    # never took (not in its log) and sent after the signal: nothing accepted is lost.
+    cut = [r for r in results if r[2] == -1]
+    assert all(r[0] not in logged and r[1] > t_signal for r in cut), f"accepted requests dropped: {cut}"
     assert rc == 0 and exited - t_signal < drain_s, f"exit {rc} after {exited - t_signal:.1f} s"
     print(
         f"{len(answered)} answered ({list(answered.values()).count(200)} ok); exit {exited - t_signal:.2f} s after SIGTERM"
