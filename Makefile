@@ -40,7 +40,7 @@ serve: setup
 	$(SERVE_ENV) $(VENV)/bin/puppet-cnn serve
 
 bench: setup
-	$(VENV)/bin/puppet-cnn bench --out docs/benchmarks-service.json
+	$(PY) -m benchmarks.service_bench --out docs/benchmarks-service.json
 
 # Peer servers (LitServe) live in their own environment, never in the service's dependencies.
 bench-env: $(BENCH_STAMP)
@@ -53,7 +53,7 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements-peers.txt
 
 # Ours (best and default configuration) against LitServe, a plain FastAPI endpoint and an HTTP ceiling.
 bench-peers: bench-env system-deps
-	$(BENCH_VENV)/bin/puppet-cnn bench --peers --out docs/benchmarks-peers.json
+	$(BENCH_VENV)/bin/python -m benchmarks.service_bench --peers --out docs/benchmarks-peers.json
 
 test: setup
 	$(VENV)/bin/ruff check .

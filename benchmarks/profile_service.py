@@ -4,7 +4,7 @@
     .venv-bench/bin/python -m benchmarks.profile_service --concurrency 32 --seconds 10 --set backend=onnx workers=1
 
 Starts `puppet-cnn serve` (settings as PUPPET_* key=value pairs), drives it with wrk (the JSON bodies of
-`puppet-cnn bench --peers`), samples every thread of the server with py-spy (idle samples left out; a thread
+`python -m benchmarks.service_bench --peers`), samples every thread of the server with py-spy (idle samples left out; a thread
 inside onnxruntime or torch counts as active) and prints, per thread, the share of samples in each stage: HTTP (uvicorn,
 Starlette/FastAPI routing and middleware), body parsing (JSON, base64), decode (Pillow, resize, normalise),
 complexity, batching and queue, the model, response encoding (top-k, JSON), metrics and logging.
@@ -23,7 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from service.bench import WRK_SCRIPT, Server, run_wrk, write_images
+from benchmarks.service_bench import WRK_SCRIPT, Server, run_wrk, write_images
 
 # first matching rule wins, tried from the innermost frame outwards
 STAGES = [

@@ -1,4 +1,4 @@
-"""The `puppet-cnn` command: train, evaluate, serve, export-onnx, bench."""
+"""The `puppet-cnn` command: train, evaluate, serve, export-onnx (benchmarks: `python -m benchmarks.service_bench`)."""
 
 from __future__ import annotations
 
@@ -139,38 +139,6 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="bounded wrk load on loopback: batching on/off, auto depth vs max depth")
-    p.add_argument("--concurrency", type=_ints, default=(1, 8, 32, 64), help="e.g. 1,8,32,64")
-    p.add_argument("--seconds", type=int, default=8, help="length of one measured run")
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs per system and concurrency")
-    p.add_argument("--out", default="docs/benchmarks-service.json")
-    p.add_argument("--backends", default="torch", help="service backends to compare, e.g. torch,onnx")
-    p.add_argument(
-        "--models", action="store_true", help="model only: torch eager vs onnxruntime per depth and batch size"
-    )
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="for --models")
-    p.add_argument(
-        "--peers",
-        action="store_true",
-        help="ours (best and default configuration) against LitServe, a plain FastAPI endpoint and an HTTP ceiling "
-        "(run from .venv-bench: make bench-env); writes docs/benchmarks-peers.json unless --out is given",
-    )
-    p.add_argument(
-        "--litserve-batch-timeout-ms",
-        type=float,
-        default=0.0,
-        help="for --peers: LitServe's batch_timeout (0, as our PUPPET_MAX_QUEUE_DELAY_MS default: never wait)",
-    )
-    p.set_defaults(func=_run_bench)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from service.bench import main as bench_main
-
-    return bench_main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puppet-cnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_serve(sub)
     _add_export(sub)
-    _add_bench(sub)
     return parser
 
 

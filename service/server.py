@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
-import httpx
 import uvicorn
 
 from service.app import create_app
@@ -90,69 +85,3 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
         lifespan="on",
     )
     DrainingServer(config, app.state.service, settings.drain_timeout_s).run(sockets=sockets)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`puppet-cnn serve` as a child process on a free loopback port (tests and benchmarks).
-
-    Returns once /health/ready answers 200; raises RuntimeError with the server's output if it exits first.
-    Output goes to a temporary file, never a pipe that a long run could fill.
-    """
-
-    def __init__(
-        self,
-        settings: dict[str, object],
-        *,
-        env: dict[str, str] | None = None,
-        timeout: float = 120.0,
-        command: list[str] | None = None,
-    ):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, **(env or {}), "PUPPET_PORT": str(self.port)}
-        full_env.setdefault("PUPPET_LOG_LEVEL", "warning")
-        full_env.update({f"PUPPET_{k.upper()}": str(v) for k, v in settings.items()})
-        self._log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(
-            command or [sys.executable, "-m", "service.cli", "serve"],
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not become ready in {timeout:.0f} s: {self.output()}")
-
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read()
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self) -> str:
-        """SIGTERM, wait for the drain (killing after 30 s), and return what the server printed."""
-        self.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.output()

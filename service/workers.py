@@ -3,7 +3,7 @@
 Why processes: one process is bound by its interpreter lock, which the event loop (HTTP, decoding) and the
 inference thread share; two processes on two cores served 1.9-2.0x the requests of one (docs/benchmarks.md).
 Each worker is a whole service (event loop, batcher, model) with its own listening socket on the port
-(SO_REUSEPORT); the kernel spreads connections between them. Prometheus metrics are aggregated across workers through
+(SO_REUSEPORT), which listens only once its model is loaded and warm; the kernel spreads connections between them. Prometheus metrics are aggregated across workers through
 `PROMETHEUS_MULTIPROC_DIR` (a fresh directory per start), so /metrics from any worker tells the whole story.
 
 The supervisor restarts a worker process that dies (after `worker_restart_backoff_s`); a worker that fails
@@ -44,7 +44,12 @@ def worker_count(settings: Settings) -> int:
 def _listen(settings: Settings, *, listen: bool = True) -> socket.socket:
     """A socket on the service's address with SO_REUSEPORT: every worker has its own, and the kernel spreads
     new connections evenly between them (one shared socket let whichever worker woke first take a whole
-    burst of connections: at concurrency 32 runs swung between 900 and 1600 req/s)."""
+    burst of connections: at concurrency 32 runs swung between 900 and 1600 req/s).
+
+    The kernel hands connections only to sockets that listen. A worker binds before it loads the model but
+    listens only once it can serve (asyncio's create_server calls listen(), and uvicorn creates the server
+    after the lifespan has loaded the model and warmed every depth): a worker that is starting, or that
+    replaces a dead one, never holds connections it cannot answer."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -60,8 +65,8 @@ def _worker(settings: Settings) -> None:
     from service.server import run_server
 
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        sock = _listen(settings)
+    try:  # bound, not listening: uvicorn's start-up loads the model and warms every depth, then listens
+        sock = _listen(settings, listen=False)
     except OSError as e:
         log.critical("cannot listen on %s:%d: %s", settings.host, settings.port, e)
         raise SystemExit(STARTUP_FAILURE) from None

@@ -6,8 +6,8 @@ import os
 
 import httpx
 
+from benchmarks.server_process import ServerProcess, free_port
 from conftest import REPO
-from service.server import ServerProcess, free_port
 
 SHIPPED = os.path.join(REPO, "checkpoints", "puppet-cnn-fmnist.safetensors")
 __all__ = ["SHIPPED", "LiveServer", "free_port"]

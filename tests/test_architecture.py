@@ -1,9 +1,15 @@
-"""model/ knows nothing of HTTP: it imports neither service/, FastAPI nor prometheus_client."""
+"""Layering: model/ knows nothing of HTTP (neither service/, FastAPI nor prometheus_client), and the runtime
+packages import only runtime dependencies."""
 
 import ast
+import importlib.metadata
 import pathlib
 import subprocess
 import sys
+import tomllib
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from conftest import REPO
 
@@ -30,3 +36,66 @@ def test_importing_every_model_module_loads_no_service_module():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, f"model pulled in: {result.stdout} {result.stderr}"
+
+
+# -- the runtime packages import only what `pip install .` installs (the image has no dev extra) ----------------
+def _runtime_distributions() -> set[str]:
+    """The project's dependencies and, through their metadata, everything they pull in here (markers evaluated)."""
+    todo = [Requirement(s) for s in _project()["dependencies"]]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in importlib.metadata.requires(name) or []:
+            sub = Requirement(text)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+                todo.append(sub)
+    return seen
+
+
+def _project() -> dict:
+    return tomllib.loads(pathlib.Path(REPO, "pyproject.toml").read_text())["project"]
+
+
+def _imports(path: pathlib.Path) -> list[tuple[str, int, bool]]:
+    """(top-level module, line, inside a function) for every absolute import in a file."""
+    tree = ast.parse(path.read_text())
+    in_function = {
+        id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)
+    }
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name.split(".")[0], node.lineno, id(node) in in_function) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module.split(".")[0], node.lineno, id(node) in in_function))
+    return out
+
+
+def test_runtime_packages_import_only_runtime_dependencies():
+    """A module-level import of a test or benchmark package would stop the image from starting (issue 10: httpx).
+
+    An optional extra (matplotlib for `evaluate`'s plots) may be imported inside the function that needs it.
+    """
+    runtime = _runtime_distributions()
+    extras = _project()["optional-dependencies"].values()
+    optional = {canonicalize_name(Requirement(s).name) for deps in extras for s in deps} - runtime
+    providers = importlib.metadata.packages_distributions()
+    bad = []
+    for package in ("model", "service"):
+        for path in sorted(pathlib.Path(REPO, package).rglob("*.py")):
+            for module, line, lazy in _imports(path):
+                if module in sys.stdlib_module_names or module in ("model", "service", "__future__"):
+                    continue
+                dists = {canonicalize_name(d) for d in providers.get(module, [])}
+                if dists & runtime or (lazy and dists & optional):
+                    continue
+                where = f"{path.relative_to(REPO)}:{line} imports {module}"
+                bad.append(f"{where} ({', '.join(sorted(dists)) or 'not installed'}): not a runtime dependency")
+    assert not bad, (
+        "add it to [project] dependencies in pyproject.toml, or move the code to tests/ or benchmarks/:\n"
+        + "\n".join(bad)
+    )

@@ -20,10 +20,10 @@ from live_server import SHIPPED, LiveServer
 from load import capacity, open_loop, p50_latency
 from safetensors.torch import load_file, save_file
 
+from benchmarks.server_process import SERVER_ENV
 from model import load_dataset
 from model.checkpoint import read_metadata
 from model.data import encode_png
-from service.bench import SERVER_ENV
 
 IMAGES_PER_REQUEST = 8
 

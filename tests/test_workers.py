@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import json
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -83,29 +84,76 @@ def test_two_workers_share_the_port_and_their_metrics_add_up(pngs):
     assert len(_access_pids(output)) == 2, "both processes should have served requests"
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port` (/proc/<pid>/fd against /proc/net/tcp)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "0A" and f"socket:[{inode}]" in inodes:
+                return True
+    return False
+
+
+def _post_outcome(url, png) -> tuple[int | str, float]:
+    """The status, or the name of the error when no answer came (a reset, a refused connection); and seconds."""
+    t0 = time.monotonic()
+    try:
+        status = _post(url, png).status_code
+    except httpx.TransportError as e:
+        status = type(e).__name__
+    return status, time.monotonic() - t0
+
+
 def test_a_worker_process_that_dies_is_replaced(pngs):
+    """Every request sent after the victim is gone is answered: by the survivor while the replacement loads
+    (it listens only once it can serve), then by both."""
     s = LiveServer(workers=2, worker_restart_backoff_s=0.2, log_level="info")
     try:
+        _wait_until_loaded(s, 2)
         first = _children(s.proc.pid)
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
         while victim in _children(s.proc.pid):  # gone, with its socket (what was queued on it is lost)
             time.sleep(0.01)
-        # the other worker keeps answering while the supervisor replaces the dead one
-        assert all(_post(s.url, png).status_code == 200 for png in pngs[:8])
-        deadline = time.monotonic() + 60
-        while True:
-            now = _children(s.proc.pid)
-            if len(now) == 2 and victim not in now:
-                break
-            assert time.monotonic() < deadline, f"no replacement: {now}"
-            time.sleep(0.1)
-        (new,) = now - first
-        while f'"pid":{new},"message":"model' not in s.output():  # the replacement has loaded the model
-            assert time.monotonic() < deadline, "the replacement never became ready"
-            time.sleep(0.1)
+        replaced = threading.Event()
+
+        def client(k: int) -> list:  # a new connection per request, until the replacement has served a while
+            outcomes, i = [], k
+            while not replaced.is_set():
+                outcomes.append(_post_outcome(s.url, pngs[i % len(pngs)]))
+                i += 4
+            return outcomes
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client, k) for k in range(4)]
+            deadline = time.monotonic() + 60
+            new, early = None, []
+            while new is None:
+                assert time.monotonic() < deadline, f"no replacement: {_children(s.proc.pid)}"
+                for pid in _children(s.proc.pid) - first:
+                    listening = _listens(pid, s.port)  # read before the log: it logs 'loaded' before it listens
+                    if f'"pid":{pid},"message":"model' in s.output():  # it has loaded the model
+                        new = pid
+                    elif listening:
+                        early.append(pid)
+                time.sleep(0.01)
+            while new not in _access_pids(s.output()) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the replacement is in the rotation: it answers too
+            time.sleep(0.5)
+            replaced.set()
+            outcomes = [o for c in clients for o in c.result()]
+        assert new in _access_pids(s.output()), "the replacement never answered a request"
+        bad = [status for status, _ in outcomes if status != 200]
+        assert outcomes and not bad, f"{len(bad)} of {len(outcomes)} requests failed: {sorted(set(map(str, bad)))}"
+        # none could wait on the loading replacement: the kernel gives connections only to listening sockets
+        assert not early, "the replacement listened on the port before its model was loaded"
+        print(f"{len(outcomes)} requests while the worker was replaced, slowest {max(t for _, t in outcomes):.3f} s")
         assert httpx.get(s.url + "/health/ready").status_code == 200 and s.metric("puppet_ready") == 1
-        assert all(_post(s.url, png).status_code == 200 for png in pngs[:8])
     finally:
         output = s.stop()
     assert f"worker process {victim} exited with -9" in output

@@ -1,1 +1,1 @@
-"""Peer servers for `puppet-cnn bench --peers`: LitServe, a plain FastAPI endpoint and an HTTP ceiling."""
+"""Peer servers for `python -m benchmarks.service_bench --peers`: LitServe, a plain FastAPI endpoint and an HTTP ceiling."""

@@ -1,4 +1,4 @@
-"""`puppet-cnn bench`: bounded load on loopback against real servers, side by side, with wrk.
+"""`python -m benchmarks.service_bench` (`make bench`, `make bench-peers`): bounded load on loopback against real servers, side by side, with wrk.
 
 Every configuration runs as its own `puppet-cnn serve` process (started once, idle while the others are
 measured); runs alternate configuration by configuration at each concurrency (A B C A B C ...) so drift
@@ -12,6 +12,7 @@ here imports them.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -28,16 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from service.server import ServerProcess, free_port
-
-# glibc: keep activation buffers mapped between batches instead of zeroing fresh pages (DESIGN.md sec. 6)
-SERVER_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "MALLOC_MMAP_THRESHOLD_": "268435456",
-    "MALLOC_TRIM_THRESHOLD_": "268435456",
-    "MALLOC_TOP_PAD_": "67108864",
-}
+from benchmarks.server_process import SERVER_ENV, ServerProcess, free_port
+from service.settings import SHIPPED_CHECKPOINT
 
 WRK_SCRIPT = """
 local bodies = {}
@@ -437,7 +430,7 @@ def main_peers(args) -> int:
     if importlib.util.find_spec("litserve") is None:
         raise ValueError(
             "litserve is not installed in this environment: run `make bench-env`, then "
-            "`.venv-bench/bin/puppet-cnn bench --peers` (or `make bench-peers`)"
+            "`.venv-bench/bin/python -m benchmarks.service_bench --peers` (or `make bench-peers`)"
         )
     systems = peer_systems(litserve_batch_timeout_ms=args.litserve_batch_timeout_ms)
     report = bench(systems, args.concurrency, seconds=args.seconds, repeats=args.repeats, body="json")
@@ -597,3 +590,38 @@ def render_models(report: dict) -> str:
             f"| {r['depth']} | {r['batch']} | {r['torch_ms']:.3f} | {r['onnx_ms']:.3f} | {r['torch_img_s']:.0f} | {r['onnx_img_s']:.0f} | {r['speedup']:.2f}× |"
         )
     return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.service_bench",
+        description="bounded wrk load on loopback: batching on/off, auto depth vs max depth; --models, --peers",
+    )
+    p.add_argument(
+        "--concurrency", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 8, 32, 64), help="e.g. 1,8,32"
+    )
+    p.add_argument("--seconds", type=int, default=8, help="length of one measured run")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per system and concurrency")
+    p.add_argument("--out", default="docs/benchmarks-service.json")
+    p.add_argument("--backends", default="torch", help="service backends to compare, e.g. torch,onnx")
+    p.add_argument(
+        "--models", action="store_true", help="model only: torch eager vs onnxruntime per depth and batch size"
+    )
+    p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="for --models")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="ours (best and default configuration) against LitServe, a plain FastAPI endpoint and an HTTP ceiling "
+        "(run from .venv-bench: make bench-env); writes docs/benchmarks-peers.json unless --out is given",
+    )
+    p.add_argument(
+        "--litserve-batch-timeout-ms",
+        type=float,
+        default=0.0,
+        help="for --peers: LitServe's batch_timeout (0, as our PUPPET_MAX_QUEUE_DELAY_MS default: never wait)",
+    )
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
