@@ -35,7 +35,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--depth-sampling", default=defaults.depth_sampling, choices=["sandwich", "all", "max"])
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 instead of bf16 autocast")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: where the device computes bf16 natively: CUDA with bf16, CPUs with "
+        "AVX512-BF16/AMX; float32 elsewhere)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--val-size", type=int, default=defaults.val_size)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")

@@ -1,8 +1,14 @@
-"""Training proves its loop on real Fashion-MNIST: loss falls, checkpoints are servable, resume and DDP work."""
+"""Training proves its loop on real Fashion-MNIST: loss falls, checkpoints are servable, resume and DDP work.
+
+Precision: bf16 autocast by default only where the device computes bf16 natively; these tests hold on CPUs
+with and without AVX512-BF16 (the native answer is read from /proc/cpuinfo, or forced).
+"""
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +16,9 @@ import torch.nn.functional as F
 
 from conftest import REPO
 from model import load_checkpoint
+from model import train as train_module
 from model.puppet import PuppetConfig, build_model
-from model.train import Objective, TrainConfig, augment, train, warmup_cosine
+from model.train import Objective, TrainConfig, augment, native_bf16, resolve_device, train, warmup_cosine
 
 SMALL = {"widths": (8, 16), "ranks": (4, 8), "max_depth": 3}
 
@@ -100,3 +107,59 @@ def test_warmup_cosine_schedule():
     f = warmup_cosine(100, warmup=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def _tiny(tmp_path, **kw) -> TrainConfig:
+    small = {**SMALL, "epochs": 1, "batch_size": 32, "limit": 600, "val_size": 100, "max_steps": 2}
+    return TrainConfig(**{**small, "out": str(tmp_path / "m.safetensors"), **kw})
+
+
+def test_native_bf16_on_this_cpu_matches_its_flags():
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    assert native_bf16(torch.device("cpu")) is bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
+    assert native_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"), [("fpu avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True)]
+)
+def test_native_bf16_reads_the_cpuinfo_flags(tmp_path, monkeypatch, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(train_module, "CPUINFO", str(cpuinfo))
+    assert native_bf16(torch.device("cpu")) is native
+    monkeypatch.setattr(train_module, "CPUINFO", str(tmp_path / "missing"))
+    assert native_bf16(torch.device("cpu")) is False  # unreadable: float32
+
+
+def test_bf16_defaults_to_the_native_precision_and_is_recorded(tmp_path):
+    cfg = _tiny(tmp_path)
+    assert cfg.bf16 is None
+    ckpt = train(cfg, progress=False)
+    assert cfg.bf16 is native_bf16(resolve_device(cfg.device))
+    assert ckpt.recipe["bf16"] is cfg.bf16 and load_checkpoint(cfg.out).recipe["bf16"] is cfg.bf16
+
+
+@pytest.mark.parametrize(("bf16", "native", "used"), [(None, False, False), (None, True, True), (False, True, False)])
+def test_autocast_follows_the_device_unless_set(tmp_path, monkeypatch, bf16, native, used):
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: native)
+    enabled, autocast = [], torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **kw: enabled.append(kw["enabled"]) or autocast(*a, **kw))
+    cfg = _tiny(tmp_path, bf16=bf16)
+    train(cfg, progress=False)
+    assert enabled == [used, used] and load_checkpoint(cfg.out).recipe["bf16"] is used
+
+
+def test_resume_keeps_the_precision_it_started_with(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    train(_tiny(tmp_path, max_steps=None, batch_size=128), progress=False)
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)  # e.g. resumed on an AVX2-only host
+    resumed = _tiny(tmp_path, max_steps=None, batch_size=128, epochs=2, resume=True)
+    train(resumed, progress=False)
+    assert resumed.bf16 is True and [h["epoch"] for h in resumed.history] == [1, 2]
+    forced = _tiny(tmp_path, max_steps=None, batch_size=128, epochs=3, resume=True, bf16=False)
+    train(forced, progress=False)
+    assert forced.bf16 is False and load_checkpoint(forced.out).recipe["bf16"] is False
