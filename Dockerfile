@@ -30,6 +30,14 @@ RUN mkdir -p model service && touch model/__init__.py service/__init__.py \
  && pip uninstall -y puppet-cnn-serve \
  && if [ "$VARIANT" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18,<2"; fi
 
+# --- the project itself, as a wheel: rebuilt when model/ or service/ change ------------------------------
+FROM deps AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY service ./service
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
 # --- runtime -------------------------------------------------------------------------------------------
 FROM base AS runtime
 ARG VARIANT=gpu
@@ -37,12 +45,13 @@ LABEL org.opencontainers.image.title="puppet-cnn-serve" \
       org.opencontainers.image.description="Adaptive-depth Puppet-CNN inference service (${VARIANT})"
 RUN groupadd --system --gid 10001 puppet && useradd --system --uid 10001 --gid puppet --home-dir /app --no-create-home puppet
 COPY --from=deps /opt/venv /opt/venv
+# The project is installed like any package (runtime dependencies only, already in the venv; no extras), in a
+# layer of its own: a source change leaves the dependencies' layer as it is. /app holds no source, so what
+# runs is what `pip install` installed (tests/test_image_install.py installs it the same way).
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels /opt/venv/bin/pip install --no-deps /wheels/*.whl
 WORKDIR /app
-COPY model ./model
-COPY service ./service
 COPY checkpoints/puppet-cnn-fmnist.safetensors ./checkpoints/
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/app \
     PUPPET_HOST=0.0.0.0 \
     PUPPET_PORT=8000 \
     PUPPET_DEVICE=auto \
