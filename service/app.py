@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -102,12 +103,14 @@ def load_service(state: ServiceState) -> None:
         ckpt.policy,
         max_batch_size=s.max_batch_size,
         max_queue=s.max_queue,
+        deadline_s=s.request_deadline_ms / 1000,
         max_queue_delay_s=s.max_queue_delay_ms / 1000,
         degrade_under_load=s.degrade_under_load,
         degrade_depth=s.degrade_depth,
         restart_backoff_s=s.worker_restart_backoff_s,
         on_worker_change=state.worker_changed,
     )
+    batcher.calibrate()
     batcher.start()
     state.ckpt, state.backend, state.batcher = ckpt, backend, batcher
     gc.collect()
@@ -126,6 +129,7 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         path = scope["path"]
         start = time.perf_counter()
+        started_token = _STARTED.set(start)
         request_id = _request_id(scope)
         fields = {"request_id": request_id, "method": scope["method"], "path": path}
         token = REQUEST_FIELDS.set(fields)
@@ -168,6 +172,7 @@ class MetricsMiddleware:
             self.state.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             REQUEST_FIELDS.reset(token)
+            _STARTED.reset(started_token)
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             duration = time.perf_counter() - start
@@ -177,6 +182,16 @@ class MetricsMiddleware:
             if client := scope.get("client"):
                 fields["client"] = client[0]
             access_line(fields, quiet=path.startswith(HEALTH_PATHS))
+
+
+_STARTED: ContextVar[float | None] = ContextVar("puppet_request_started", default=None)
+
+
+def request_started() -> float:
+    """When the service began handling the current request (time.perf_counter()): its deadline counts from
+    here, so time spent reading the body and decoding counts too."""
+    started = _STARTED.get()
+    return time.perf_counter() if started is None else started
 
 
 def _request_id(scope) -> str:

@@ -2,9 +2,11 @@
 
 When the worker is free, whatever is waiting goes at once; while it is busy, arrivals accumulate and go
 together, up to `max_batch_size` images. `max_queue_delay` (default 0) only bounds how long a partial
-batch may wait for company. The queue is bounded in images (full -> `QueueFull`); an item whose deadline
-has passed when its batch forms is not run (`DeadlineExceeded`); under load, a request whose estimated
-wait would miss its deadline gets its depth capped instead (reason `degraded`).
+batch may wait for company. Admission is by time (service/admission.py): a request is queued only when the work ahead of
+it plus its own, at the per-image costs the worker measures, fits its deadline; otherwise `QueueFull`
+(429) with a retry time, or `DeadlineExceeded` (504) when it could not finish in time even alone. The queue
+is also bounded in images (memory). Under load an auto-depth request runs at the degrade depth (reason
+`degraded`). An item that can no longer finish by its deadline when its batch forms is not run (504).
 
 An exception in one batch fails only that batch's requests (`InferenceFailed`, with an error id that is
 logged). A worker thread that dies anyway is restarted by a supervisor thread after a back-off (doubling
@@ -27,19 +29,21 @@ import torch
 
 from model import AUTO, CAPPED, DEGRADED, REQUESTED, DepthPolicy
 from service import metrics
+from service.admission import CostModel, decide
 from service.backends import TorchBackend
 
 log = logging.getLogger("puppet.worker")
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after_s: float):
-        super().__init__(f"the queue is full; retry in {retry_after_s:.1f} s")
+    def __init__(self, retry_after_s: float, why: str = "the queue is full"):
+        super().__init__(f"{why}; retry in {retry_after_s:.1f} s")
         self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(Exception):
-    pass
+    def __init__(self, message: str = "the request could not finish before its deadline"):
+        super().__init__(message)
 
 
 class Draining(Exception):
@@ -71,6 +75,7 @@ class ImageResult:
 class BatchTimings:
     queue_s: float
     inference_s: float
+    estimate_s: float  # what admission expected queue and inference to take
 
 
 @dataclass
@@ -81,8 +86,11 @@ class _Item:
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    key: int  # what its images cost (service/admission.py)
+    estimate_s: float  # admission's estimate of its queue wait plus its own worker time
     degraded: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
+    answered: float = 0.0  # when the worker handed its result to the event loop
 
 
 class Batcher:
@@ -93,6 +101,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_queue: int,
+        deadline_s: float,
         max_queue_delay_s: float = 0.0,
         degrade_under_load: bool = True,
         degrade_depth: int = 1,
@@ -101,22 +110,37 @@ class Batcher:
     ):
         self.backend, self.policy = backend, policy
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.max_queue_delay_s = max_queue_delay_s
+        self.deadline_s, self.max_queue_delay_s = deadline_s, max_queue_delay_s
         self.degrade_under_load = degrade_under_load
         self.degrade_depth = min(degrade_depth, policy.max_depth)
+        self.costs = CostModel(policy.max_depth)
         self._queue: deque[_Item] = deque()
         self._queued_images = 0
-        self._busy_images = 0
+        self._queued_by_key = [0] * (policy.max_depth + 1)  # images waiting, by cost key
+        self._busy_s, self._busy_since = 0.0, 0.0  # estimated worker time of the running batch, its start
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._seconds_per_image = 0.0  # moving average over batches, for the wait estimate
         self.restart_backoff_s = restart_backoff_s
         self._on_worker_change = on_worker_change or (lambda up: None)
         self._restart_at = 0.0
         self._supervisor: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def calibrate(self, repeats: int = 3) -> None:
+        """Measure a full batch at every depth (complexity and model, median of `repeats`): admission's first
+        per-image costs, before any request has been served. Call after the backend's warm-up."""
+        pre, n = self.backend.ckpt.preprocessing, self.max_batch_size
+        images = torch.zeros(n, pre.channels, pre.image_size, pre.image_size, dtype=torch.uint8)
+        for d in range(1, self.policy.max_depth + 1):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.backend.complexity(images)
+                self.backend.predict(images, torch.full((n,), d))
+                times.append(time.perf_counter() - t0)
+            self.costs.seed(d, sorted(times)[repeats // 2] / n)
+
     def start(self) -> None:
         self._spawn_worker()
         self._supervisor = threading.Thread(target=self._supervise, name="puppet-worker-supervisor", daemon=True)
@@ -165,34 +189,75 @@ class Batcher:
         return self._queued_images
 
     def estimated_wait_s(self) -> float:
-        return (self._queued_images + self._busy_images) * self._seconds_per_image
+        """Worker time of everything queued, plus what is left of the running batch (call under the lock)."""
+        queued = sum(n * self.costs.cost(k) for k, n in enumerate(self._queued_by_key) if n)
+        running = max(0.0, self._busy_s - (time.perf_counter() - self._busy_since))
+        return queued + running
 
     # -- the event loop's side ----------------------------------------------------------------------
+    def _admit(self, n: int, depth: int | None, max_depth: int | None, started: float):
+        """Admission of `n` images (call under the lock): the decision, or the refusal raised and counted."""
+        if self._stopping:
+            raise Draining()
+        if not self.alive:
+            raise WorkerDown(max(0.5, self._restart_at - time.monotonic()))
+        ahead = self.estimated_wait_s()
+        if self._queued_images + n > self.max_queue:
+            metrics.REJECTIONS.labels("queue_full").inc()
+            raise QueueFull(max(1.0, ahead))
+        may_degrade = self.degrade_under_load and depth is None
+        decision = decide(
+            self.costs,
+            images=n,
+            key=self.costs.key(depth, max_depth),
+            ahead_s=ahead,
+            batch_images=self.max_batch_size,
+            time_left_s=started + self.deadline_s - time.perf_counter(),
+            deadline_s=self.deadline_s,
+            degrade_key=self.degrade_depth if may_degrade else None,
+        )
+        if decision.impossible:
+            metrics.REJECTIONS.labels("deadline").inc()
+            raise DeadlineExceeded("the request could not finish before its deadline even on an idle worker")
+        if decision.retry_after_s > 0:
+            metrics.REJECTIONS.labels("queue_full").inc()
+            raise QueueFull(
+                decision.retry_after_s,
+                f"the work queued ahead (about {1000 * ahead:.0f} ms) would not let this request finish before its deadline",
+            )
+        return decision
+
     async def submit(
-        self, images: torch.Tensor, *, depth: int | None, max_depth: int | None, deadline_s: float
+        self, images: torch.Tensor, *, depth: int | None, max_depth: int | None, started: float
     ) -> tuple[list[ImageResult], BatchTimings]:
-        """Queue one request's images and wait for their results (in request order)."""
+        """Queue one request's images and wait for their results (in request order).
+
+        `started` (time.perf_counter()) is when the service began handling the request: its deadline is
+        `deadline_s` after that.
+        """
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
-        item = _Item(images, depth, max_depth, now + deadline_s, loop, loop.create_future())
         n = len(images)
         with self._cond:
-            if self._stopping:
-                raise Draining()
-            if not self.alive:
-                raise WorkerDown(max(0.5, self._restart_at - time.monotonic()))
-            if self._queued_images + n > self.max_queue:
-                metrics.REJECTIONS.labels("queue_full").inc()
-                raise QueueFull(max(1.0, self.estimated_wait_s()))
-            if self.degrade_under_load and depth is None and self._seconds_per_image > 0:
-                # would the work ahead of this request, plus its own, miss the deadline?
-                if self.estimated_wait_s() + n * self._seconds_per_image > deadline_s:
-                    item.degraded = True
+            decision = self._admit(n, depth, max_depth, started)
+            item = _Item(
+                images,
+                depth,
+                max_depth,
+                started + self.deadline_s,
+                loop,
+                loop.create_future(),
+                decision.key,
+                decision.estimate_s,
+                degraded=decision.degraded,
+            )
             self._queue.append(item)
             self._queued_images += n
+            self._queued_by_key[item.key] += n
             metrics.QUEUE_LENGTH.set(self._queued_images)
             self._cond.notify()
-        return await item.future
+        result = await item.future
+        self.costs.observe_way_back(time.perf_counter() - item.answered)
+        return result
 
     # -- the worker thread --------------------------------------------------------------------------
     def _take_batch(self) -> list[_Item]:
@@ -217,7 +282,10 @@ class Batcher:
                     break
                 self._cond.wait(remaining)
             self._queued_images -= images
-            self._busy_images = images
+            for item in batch:
+                self._queued_by_key[item.key] -= len(item.images)
+            self._busy_s = sum(len(item.images) * self.costs.cost(item.key) for item in batch)
+            self._busy_since = time.perf_counter()
             metrics.QUEUE_LENGTH.set(self._queued_images)
             return batch
 
@@ -233,16 +301,18 @@ class Batcher:
                 except Exception:
                     _fail(batch, "inference failed for a batch of %d requests (error id %s)")
                 finally:
-                    self._busy_images = 0
+                    self._busy_s = 0.0
                 batch = []
         except BaseException:  # the thread ends here; the supervisor starts another
             _fail(batch, "the inference worker died with a batch of %d requests (error id %s)")
 
     def _process(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
+        # what cannot be answered by its deadline is not run: the whole batch finishes together
+        finish = start + sum(len(item.images) * self.costs.cost(item.key) for item in batch) + self.costs.way_back
         live = []
         for item in batch:
-            if start > item.deadline:
+            if finish > item.deadline:
                 metrics.REJECTIONS.labels("deadline").inc()
                 _resolve(item, exc=DeadlineExceeded())
             else:
@@ -275,9 +345,6 @@ class Batcher:
         probs, seconds = self.backend.predict(images, torch.tensor(depths))
         inference_s = time.perf_counter() - start
         n = len(images)
-        self._seconds_per_image = (
-            inference_s / n if self._seconds_per_image == 0 else 0.8 * self._seconds_per_image + 0.2 * inference_s / n
-        )
         metrics.BATCH_SIZE.observe(n)
         if (mem := self.backend.device_memory_bytes()) is not None:
             metrics.DEVICE_MEMORY.labels(str(self.backend.device)).set(mem)
@@ -299,8 +366,9 @@ class Batcher:
             ]
             k += m
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
-            settled.append((item, (results, BatchTimings(start - item.enqueued, inference_s)), None))
+            settled.append((item, (results, BatchTimings(start - item.enqueued, inference_s, item.estimate_s)), None))
         _settle(settled)
+        self.costs.observe(depths, [r == AUTO for r in reasons], time.perf_counter() - start)
 
 
 def _fail(batch: list[_Item], message: str) -> None:
@@ -325,6 +393,9 @@ def _settle(settled: list[tuple[_Item, object, Exception | None]]) -> None:
             else:
                 item.future.set_result(result)
 
+    now = time.perf_counter()
+    for entry in settled:
+        entry[0].answered = now
     for loop, entries in by_loop.items():
         loop.call_soon_threadsafe(settle, entries)
 

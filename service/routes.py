@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from contextlib import contextmanager
 from typing import Annotated
 
 import torch
@@ -12,7 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import metrics
-from service.app import ServiceState
+from service.app import ServiceState, request_started
 from service.batcher import (
     BatchTimings,
     DeadlineExceeded,
@@ -69,19 +71,32 @@ async def infer(
     state: ServiceState, images: torch.Tensor, *, depth: int | None, max_depth: int | None
 ) -> tuple[list[ImageResult], BatchTimings]:
     """Through the worker, mapping its refusals to HTTP errors."""
-    s = state.settings
     note(images=len(images))
-    try:
+    with refusals(state):
         results, timings = await state.batcher.submit(
-            images, depth=depth, max_depth=max_depth, deadline_s=s.request_deadline_ms / 1000
+            images, depth=depth, max_depth=max_depth, started=request_started()
         )
+    note(
+        depths=[r.depth for r in results],
+        depth_reasons=[r.reason for r in results],
+        queue_ms=round(timings.queue_s * 1000, 3),
+        inference_ms=round(timings.inference_s * 1000, 3),
+        estimate_ms=round(timings.estimate_s * 1000, 3),
+    )
+    return results, timings
+
+
+@contextmanager
+def refusals(state: ServiceState):
+    """The worker's refusals as HTTP errors."""
+    s = state.settings
+    try:
+        yield
     except QueueFull as e:
-        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
-    except DeadlineExceeded:
+        raise ApiError(429, "queue_full", str(e), {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))}) from None
+    except DeadlineExceeded as e:
         raise ApiError(
-            504,
-            "deadline_exceeded",
-            f"the request waited longer than its deadline of {s.request_deadline_ms:.0f} ms and was not run",
+            504, "deadline_exceeded", f"{e} (deadline {s.request_deadline_ms:.0f} ms); it was not run"
         ) from None
     except Draining:
         raise ApiError(503, "draining", "the service is shutting down", {"Retry-After": "1"}) from None
@@ -91,13 +106,6 @@ async def infer(
         ) from None
     except WorkerDown as e:
         raise ApiError(503, "worker_restarting", str(e), {"Retry-After": str(max(1, round(e.retry_after_s)))}) from None
-    note(
-        depths=[r.depth for r in results],
-        depth_reasons=[r.reason for r in results],
-        queue_ms=round(timings.queue_s * 1000, 3),
-        inference_ms=round(timings.inference_s * 1000, 3),
-    )
-    return results, timings
 
 
 def top_k(ranked: list[tuple[int, float]], k: int, classes: tuple[str, ...]) -> list[dict]:

@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call")
     max_queue_delay_ms: float = Field(0.0, ge=0, le=1000, description="how long a partial batch may wait for more")
     max_queue: int = Field(256, ge=1, description="images waiting at most; more get 429")
-    request_deadline_ms: float = Field(2000.0, gt=0, description="a request not started by then gets 504")
+    request_deadline_ms: float = Field(
+        2000.0, gt=0, description="admitted only if it can finish by then (else 429); one that cannot even alone: 504"
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1, description="width x height above which an image is refused unread")
     max_images_per_request: int = Field(64, ge=1)

@@ -50,7 +50,12 @@ def _log_lines(output: str) -> list[dict]:
 
 # -- overload -------------------------------------------------------------------------------------------------
 def _overload(pngs, seconds: float) -> None:
-    s = _server()  # the default settings: deadline 2 s, queue of 256 images, degrade under load
+    """3x the measured capacity: admission by time refuses what would miss the deadline (429 with Retry-After),
+    and what it accepts is answered within the deadline; a 504 (a request whose wait was underestimated) is
+    rare and counted."""
+    # the default deadline (2 s) and degrade under load; the bound of 256 queued images raised, so that on a fast
+    # machine too it is admission by time that refuses (on a slow one it binds first anyway)
+    s = _server(max_queue=4096)
     deadline_ms = 2000
     try:
         before = p50_latency(s.url, pngs[0])
@@ -59,15 +64,24 @@ def _overload(pngs, seconds: float) -> None:
         statuses = [o.status for o in outcomes]
         counts = {code: statuses.count(code) for code in set(statuses)}
         errors = {o.error for o in outcomes if o.status == 0}
-        summary = f"capacity {cap:.1f} req/s x {IMAGES_PER_REQUEST} images, sent {len(outcomes)} at 3x: {counts} {errors or ''}"
-        assert set(counts) <= {200, 429}, summary  # no 5xx, no 504, no dropped connection
+        ok = [o for o in outcomes if o.status == 200]
+        worst = max((o.body["timings_ms"]["total"] for o in ok), default=0)
+        summary = (
+            f"capacity {cap:.1f} req/s x {IMAGES_PER_REQUEST} images, sent {len(outcomes)} at 3x: {counts} "
+            f"{errors or ''}; slowest 200: {worst:.0f} ms in the server, {1000 * max(o.seconds for o in ok):.0f} ms "
+            f"at the client"
+        )
+        assert set(counts) <= {200, 429, 504}, summary  # no other 5xx, no dropped connection
         assert counts.get(429, 0) > 0, f"3x capacity should be refused in part: {summary}"
-        assert counts.get(200, 0) > 0, summary
+        assert len(ok) > 0, summary
+        accepted = len(ok) + counts.get(504, 0)
+        assert counts.get(504, 0) <= 0.005 * accepted, f"more than 0.5% of accepted requests got 504: {summary}"
+        assert s.metric("puppet_rejections_total", reason="deadline") == counts.get(504, 0)
         for o in outcomes:
             if o.status == 429:
                 assert int(o.headers["retry-after"]) >= 1 and o.body["error"]["code"] == "queue_full"
-            else:  # accepted: answered within the deadline, at full or degraded depth
-                assert o.body["timings_ms"]["total"] <= deadline_ms, o.body["timings_ms"]
+            elif o.status == 200:  # accepted: answered within the deadline, at full or degraded depth
+                assert o.body["timings_ms"]["total"] <= deadline_ms and o.seconds <= deadline_ms / 1000, summary
                 assert {r["depth_reason"] for r in o.body["results"]} <= {"auto", "degraded"}
         # and it recovers: the lone-request latency comes back within seconds
         t_end = time.monotonic()

@@ -1,4 +1,5 @@
-"""Overload behaviour: 429 when the queue is full, 504 past the deadline, degraded depth, readiness, drain."""
+"""Overload behaviour: 429 when the queue is full or the deadline would be missed, 504 past the deadline, degraded
+depth, readiness, drain."""
 
 import concurrent.futures as cf
 import signal
@@ -67,13 +68,13 @@ def test_past_the_deadline_is_504_and_not_run(pngs):
 
 
 def test_degrade_under_load_caps_the_depth(pngs):
-    s = LiveServer(max_batch_size=2, request_deadline_ms=40, degrade_under_load="true", degrade_depth=1)
+    s = LiveServer(max_batch_size=2, request_deadline_ms=1000, degrade_under_load="true", degrade_depth=1)
     try:
         _burst(s.url, pngs, 8)  # teach the worker its speed
         before = s.metric("puppet_depth_chosen_total", depth="1", reason="degraded")
-        answers = _burst(s.url, pngs, 96, workers=48, files_per_request=2)
+        answers = _burst(s.url, pngs, 96, workers=48, files_per_request=8)  # ~0.5 s of work: past half the deadline
         ok = [r.json() for r in answers if r.status_code == 200]
-        assert {r.status_code for r in answers} <= {200, 504}
+        assert {r.status_code for r in answers} <= {200, 429, 504}  # what does not fit its 1 s is refused
         reasons = [res["depth_reason"] for body in ok for res in body["results"]]
         degraded = [res for body in ok for res in body["results"] if res["depth_reason"] == "degraded"]
         assert degraded, f"no degraded answers under load: {set(reasons)}"

@@ -1,0 +1,131 @@
+"""Admission by time: a request is taken only when its estimated completion fits its deadline.
+
+A bound on queued images alone admits more work than the deadline allows on a slower CPU (or a busier one):
+on an AVX2-only machine, a request accepted into a queue of 256 images waited 1.5 s and was answered after
+2.02 s, past its 2 s deadline. So the worker measures what an image costs at each depth, and a request is
+accepted only if the images ahead of it, plus its own, can be done before its deadline, with time left for
+the answer's way back through the event loop (measured) and for the estimate's errors (a share of the
+deadline); otherwise it gets 429 with a Retry-After of when they would fit.
+
+Costs are seconds of worker time per image, an exponential moving average per depth. An image whose depth
+the policy will choose (auto) is not routed until its batch runs, so it is priced at the moving average of
+what the auto-routed images of recent batches cost. One model call runs images of several depths together
+(per-sample exit), so a batch's measured time is shared among its depths in proportion to their estimates:
+the warm-up's per-depth figures fix the ratios, the batches keep the level true under contention.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+AUTO_KEY = 0  # cost key of an image whose depth the policy picks; keys 1..D_max are fixed depths
+EMA_WEIGHT = 0.2  # weight of the newest batch
+MARGIN = 0.4  # of the deadline, not planned for: under load the work ahead took up to 1.6x its estimate
+DEGRADE_AT = 0.5  # degrade an auto request once the work ahead of it fills this share of its time left
+
+
+@dataclass
+class Decision:
+    """What admission decided: run at `key`'s cost (degraded or not), or refuse."""
+
+    key: int
+    estimate_s: float = 0.0  # worker time until it is answered: the work ahead plus its own
+    degraded: bool = False
+    retry_after_s: float = 0.0  # > 0: refused, 429; the queue should have room by then
+    impossible: bool = False  # refused, 504: even on an idle worker it could not finish in time
+
+
+class CostModel:
+    """Seconds per image at each depth and for an auto-routed image, and the event loop's way back.
+
+    The worker thread writes the costs and the event loop the way back; each is a float that is read whole
+    (CPython), and an estimate a batch old is as good as a current one, so no lock is needed.
+    """
+
+    def __init__(self, max_depth: int):
+        self.max_depth = max_depth
+        self.by_depth = [0.0] * (max_depth + 1)  # index: depth (0 unused: AUTO_KEY's price is .auto)
+        self.auto = 0.0
+        self.way_back = 0.0  # from a batch's end until its requests resume on the event loop (a recent peak)
+
+    def observe_way_back(self, seconds: float) -> None:
+        """From the event loop: how long a finished request waited to resume. Under overload the loop is
+        busy (measured: 40 ms typical, 350 ms at worst at 3x capacity), so this follows the peaks at once
+        and forgets them slowly."""
+        self.way_back = seconds if seconds > self.way_back else self.way_back + 0.02 * (seconds - self.way_back)
+
+    def seed(self, depth: int, seconds_per_image: float) -> None:
+        """A per-image cost measured at start-up (the warm-up), before any request."""
+        self.by_depth[depth] = seconds_per_image
+        if depth == self.max_depth:
+            self.auto = seconds_per_image  # until real traffic shows the mix: the deepest, to be safe
+
+    def cost(self, key: int) -> float:
+        return self.auto if key == AUTO_KEY else self.by_depth[key]
+
+    def observe(self, depths: list[int], auto: list[bool], seconds: float) -> None:
+        """One batch: the depth each image ran at, whether the policy chose it, and the batch's worker time."""
+        counts = Counter(depths)
+        estimate = sum(n * self.by_depth[d] for d, n in counts.items())
+        if estimate <= 0:  # nothing known yet: an even share
+            for d in counts:
+                self.by_depth[d] = seconds / len(depths)
+        else:
+            scale = 1 + EMA_WEIGHT * (seconds / estimate - 1)
+            for d in counts:
+                self.by_depth[d] *= scale
+        routed = [self.by_depth[d] for d, a in zip(depths, auto, strict=True) if a]
+        if routed:
+            mean = sum(routed) / len(routed)
+            self.auto = mean if self.auto <= 0 else (1 - EMA_WEIGHT) * self.auto + EMA_WEIGHT * mean
+
+    def key(self, depth: int | None, max_depth: int | None) -> int:
+        """The cost key of an image: its fixed depth, or auto (a cap is priced as the cheaper of the two)."""
+        if depth is not None:
+            return depth
+        if max_depth is not None and self.by_depth[max_depth] < self.auto:
+            return max_depth
+        return AUTO_KEY
+
+
+def decide(
+    costs: CostModel,
+    *,
+    images: int,
+    key: int,
+    ahead_s: float,
+    batch_images: int,
+    time_left_s: float,
+    deadline_s: float,
+    degrade_key: int | None,
+) -> Decision:
+    """Admit, degrade or refuse one request of `images` images.
+
+    Its answer comes when its batch is done, and images that arrive after it may fill that batch: so its
+    estimate is the work ahead, its own images, and the rest of a batch (`batch_images`) at the auto price.
+
+    Args:
+        costs: the worker's cost model.
+        images: the request's images.
+        key: their cost key (a depth, or AUTO_KEY).
+        ahead_s: estimated worker time of everything queued or running ahead of it.
+        batch_images: the most images a batch takes.
+        time_left_s: seconds until its deadline.
+        deadline_s: the whole deadline, of which MARGIN is kept for errors of the estimate.
+        degrade_key: the degrade depth, when this request may be degraded (auto depth, degrade on).
+    """
+    budget = time_left_s - MARGIN * deadline_s - costs.way_back
+    ahead_s += max(0, batch_images - images) * costs.cost(AUTO_KEY)
+    own = images * costs.cost(key)
+    if degrade_key is not None and degrade_key != key:
+        cheap = images * costs.cost(degrade_key)
+        # under load (or when only the cheaper depth fits), an auto request runs at the degrade depth
+        if cheap < own and (ahead_s + own > DEGRADE_AT * budget) and ahead_s + cheap <= budget:
+            return Decision(degrade_key, ahead_s + cheap, degraded=True)
+        own = min(own, cheap)
+    if ahead_s + own <= budget:
+        return Decision(key, ahead_s + own)
+    if own > (1 - MARGIN) * deadline_s:  # too big for its deadline on this machine, however idle
+        return Decision(key, own, impossible=True)
+    return Decision(key, ahead_s + own, retry_after_s=ahead_s + own - budget)
