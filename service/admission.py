@@ -16,12 +16,14 @@ the warm-up's per-depth figures fix the ratios, the batches keep the level true 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 
 AUTO_KEY = 0  # cost key of an image whose depth the policy picks; keys 1..D_max are fixed depths
 EMA_WEIGHT = 0.2  # weight of the newest batch
 MARGIN = 0.4  # of the deadline, not planned for: under load the work ahead took up to 1.6x its estimate
+WAY_BACK_HALF_LIFE_S = 2.0
 DEGRADE_AT = 0.5  # degrade an auto request once the work ahead of it fills this share of its time left
 
 
@@ -47,13 +49,22 @@ class CostModel:
         self.max_depth = max_depth
         self.by_depth = [0.0] * (max_depth + 1)  # index: depth (0 unused: AUTO_KEY's price is .auto)
         self.auto = 0.0
-        self.way_back = 0.0  # from a batch's end until its requests resume on the event loop (a recent peak)
+        self._peak, self._peak_at = 0.0, 0.0  # the way back: from a batch's end until its requests resume
 
     def observe_way_back(self, seconds: float) -> None:
-        """From the event loop: how long a finished request waited to resume. Under overload the loop is
-        busy (measured: 40 ms typical, 350 ms at worst at 3x capacity), so this follows the peaks at once
-        and forgets them slowly."""
-        self.way_back = seconds if seconds > self.way_back else self.way_back + 0.02 * (seconds - self.way_back)
+        """From the event loop: how long a finished request waited to resume. Under overload the loop is busy
+        (measured: 40 ms typical, 350 ms at worst at 3x capacity), so a new peak counts at once and is
+        forgotten with time (half-life WAY_BACK_HALF_LIFE_S), also when no request completes."""
+        now = time.monotonic()
+        if seconds >= self._way_back_at(now):
+            self._peak, self._peak_at = seconds, now
+
+    def _way_back_at(self, now: float) -> float:
+        return self._peak * 0.5 ** ((now - self._peak_at) / WAY_BACK_HALF_LIFE_S)
+
+    @property
+    def way_back(self) -> float:
+        return self._way_back_at(time.monotonic())
 
     def seed(self, depth: int, seconds_per_image: float) -> None:
         """A per-image cost measured at start-up (the warm-up), before any request."""

@@ -227,6 +227,11 @@ class Batcher:
             )
         return decision
 
+    def check(self, n: int, *, depth: int | None, max_depth: int | None, started: float) -> None:
+        """Refuse now what `submit` would refuse, raising as it does (before the images are decoded)."""
+        with self._cond:
+            self._admit(n, depth, max_depth, started)
+
     async def submit(
         self, images: torch.Tensor, *, depth: int | None, max_depth: int | None, started: float
     ) -> tuple[list[ImageResult], BatchTimings]:

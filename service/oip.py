@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ApiError
-from service.routes import ReadyState, State, decode_all, infer, model_info
+from service.routes import ReadyState, State, admission_check, decode_all, infer, model_info
 from service.schemas import (
     EXAMPLE_PNG_BASE64,
     OipError,
@@ -147,6 +147,7 @@ async def v2_infer(name: ModelName, request: InferRequest, state: ReadyState) ->
     depth = parse_depth(params.get("depth"), ckpt.config.max_depth)
     images = _input_images(state, tensor)
     if isinstance(images, list):  # encoded images
+        admission_check(state, len(images), depth=depth, max_depth=None)
         images = await decode_all(state, images)
     results, _ = await infer(state, images, depth=depth, max_depth=None)
     n = len(results)

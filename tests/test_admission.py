@@ -2,7 +2,8 @@
 
 import pytest
 
-from service.admission import AUTO_KEY, DEGRADE_AT, EMA_WEIGHT, MARGIN, CostModel, decide
+from service import admission
+from service.admission import AUTO_KEY, DEGRADE_AT, EMA_WEIGHT, MARGIN, WAY_BACK_HALF_LIFE_S, CostModel, decide
 
 
 @pytest.fixture
@@ -41,11 +42,16 @@ def test_a_cap_is_priced_as_the_cheaper_of_the_cap_and_the_auto_mix(costs):
     assert costs.key(None, 4) == AUTO_KEY
 
 
-def test_the_way_back_follows_a_peak_at_once_and_forgets_it_slowly(costs):
+def test_the_way_back_follows_a_peak_at_once_and_forgets_it_with_time(costs, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
     costs.observe_way_back(0.2)
     assert costs.way_back == 0.2
-    costs.observe_way_back(0.0)
-    assert costs.way_back == pytest.approx(0.2 * 0.98)
+    costs.observe_way_back(0.05)  # smaller: the peak stands
+    now[0] += WAY_BACK_HALF_LIFE_S  # and halves in a half-life, whether requests complete or not
+    assert costs.way_back == pytest.approx(0.1)
+    costs.observe_way_back(0.15)
+    assert costs.way_back == pytest.approx(0.15)
 
 
 def _decide(costs, **kw):
@@ -77,7 +83,8 @@ def test_the_time_already_spent_counts(costs):
     assert late.retry_after_s == pytest.approx(8 * 0.004)
 
 
-def test_the_way_back_is_kept_free(costs):
+def test_the_way_back_is_kept_free(costs, monkeypatch):
+    monkeypatch.setattr(admission.time, "monotonic", lambda: 100.0)
     costs.observe_way_back(0.3)
     budget = 2.0 - MARGIN * 2.0 - 0.3
     assert _decide(costs, ahead_s=budget - 8 * 0.004).retry_after_s == 0

@@ -107,7 +107,7 @@ def test_not_ready_before_the_model_is_loaded():
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(pngs):
-    s = LiveServer(max_batch_size=8, max_queue=1024, drain_timeout_s=20)
+    s = LiveServer(max_batch_size=8, max_queue=1024, drain_timeout_s=20, request_deadline_ms=60000)  # all admitted
     with cf.ThreadPoolExecutor(16) as pool:
         in_flight = [
             pool.submit(_burst, s.url, pngs, 1, workers=1, params={"depth": 4}, files_per_request=64) for _ in range(12)

@@ -162,7 +162,7 @@ def test_a_worker_process_that_dies_is_replaced(pngs):
 
 def test_sigterm_drains_every_worker(pngs):
     n = 12  # requests of 64 images, one image per model call: each is in flight for a good while
-    s = LiveServer(workers=2, max_batch_size=1, max_queue=n * 64, drain_timeout_s=20)
+    s = LiveServer(workers=2, max_batch_size=1, max_queue=n * 64, drain_timeout_s=20, request_deadline_ms=60000)
     files = [("files", (f"{j}.png", pngs[j % len(pngs)], "image/png")) for j in range(64)]
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
     with cf.ThreadPoolExecutor(n) as pool, httpx.Client(timeout=60, limits=limits) as client:
