@@ -2,7 +2,7 @@
 
 E is the Shannon entropy (bits) of a 256-bin intensity histogram, computed per channel and averaged;
 Y is the Sobel gradient magnitude of the image, quantised to 256 bins over its full possible range.
-The paper leaves Y undefined; DESIGN.md records this choice. Everything here is batched and runs on
+The paper leaves Y undefined; docs/design.md records this choice. Everything here is batched and runs on
 whatever device the images are on.
 """
 

@@ -1,4 +1,4 @@
-"""Deployment files verified for real without Docker, Grafana or a cluster (DESIGN.md sec. 5).
+"""Deployment files verified for real without Docker, Grafana or a cluster (docs/design.md).
 
 Dockerfile: hadolint. Compose: `docker-compose config` for both variants. Kubernetes: kubernetes-validate,
 plus structure checks for the Prometheus Operator objects. Prometheus: promtool check/test. Dashboards:
