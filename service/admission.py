@@ -129,12 +129,12 @@ def decide(
     budget = time_left_s - MARGIN * deadline_s - costs.way_back
     ahead_s += max(0, batch_images - images) * costs.cost(AUTO_KEY)
     own = images * costs.cost(key)
-    if degrade_key is not None and degrade_key != key:
-        cheap = images * costs.cost(degrade_key)
-        # under load (or when only the cheaper depth fits), an auto request runs at the degrade depth
-        if cheap < own and (ahead_s + own > DEGRADE_AT * budget) and ahead_s + cheap <= budget:
-            return Decision(degrade_key, ahead_s + cheap, degraded=True)
-        own = min(own, cheap)
+    if degrade_key is not None and costs.cost(degrade_key) < costs.cost(key) and ahead_s + own > DEGRADE_AT * budget:
+        # under load an auto request runs at the degrade depth, if it fits there (else it is refused below,
+        # with the time until it would fit at that depth)
+        own = images * costs.cost(degrade_key)
+        if ahead_s + own <= budget:
+            return Decision(degrade_key, ahead_s + own, degraded=True)
     if ahead_s + own <= budget:
         return Decision(key, ahead_s + own)
     if own > (1 - MARGIN) * deadline_s:  # too big for its deadline on this machine, however idle

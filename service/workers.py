@@ -80,11 +80,12 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked
 
     def _on_signal(self, sig, frame) -> None:
+        """The first signal starts every worker's drain at once (a request that arrives after it gets 503);
+        a second one stops them now."""
         self.signals += 1
-        if self.signals > 1:  # a second signal: stop now
-            for p in self.procs:
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGINT)
+        for p in getattr(self, "procs", []):
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM if self.signals == 1 else signal.SIGINT)
 
     def _spawn(self) -> multiprocessing.Process:
         p = self.context.Process(target=_worker, args=(self.settings,), name="puppet-serve-worker")

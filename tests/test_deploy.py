@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 from live_server import LiveServer, free_port
+from load import capacity, open_loop
 
 from conftest import REPO
 from model import load_dataset
@@ -300,7 +301,7 @@ _PROMQL_FUNCTIONS = (
 
 @pytest.fixture(scope="module")
 def server_and_prometheus(tmp_path_factory):
-    server = LiveServer(max_batch_size=2, max_queue=6, request_deadline_ms=60, degrade_under_load="true")
+    server = LiveServer(max_queue=4096, degrade_under_load="true")  # the default deadline decides admission
     tmp = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     config = {
@@ -343,7 +344,7 @@ def server_and_prometheus(tmp_path_factory):
 
 
 def _traffic(server, seconds=25.0):
-    """Auto, requested and capped depths, bursts that get rejected (429) and degraded, and bad input."""
+    """Auto, requested and capped depths, bursts, bad input, then an overload (429s and degraded depths)."""
     data = load_dataset("fashion-mnist", "test").subset(slice(0, 32))
     pngs = [encode_png(img) for img in data.images]
     seen = set()
@@ -366,12 +367,18 @@ def _traffic(server, seconds=25.0):
         while time.monotonic() < end:
             statuses += [post(i) for i in range(4)]
             statuses += [post(i, {"depth": d}) for i, d in enumerate((1, 2, 3, 4))]
-            statuses += list(pool.map(post, range(48)))  # a burst past the queue: 429s, degraded depths, maybe 504s
+            statuses += list(pool.map(post, range(48)))  # a burst
             time.sleep(0.5)
             # bad input, once the burst has drained (under overload it is refused with 429 before it is decoded)
             statuses.append(
                 httpx.post(server.url + "/classify", content=b"junk", headers={"Content-Type": "image/png"}).status_code
             )
+    # 3x capacity for a few seconds: refused (429) and degraded requests, as any overload gives them
+    cap = capacity(server.url, pngs, images_per_request=8, seconds=2)
+    for o in open_loop(server.url, pngs, rate=3 * cap, seconds=3, images_per_request=8):
+        statuses.append(o.status)
+        if o.status == 200:
+            seen.update(x["depth_reason"] for x in o.body["results"])
     assert 429 in statuses and 400 in statuses and 200 in statuses
     assert {"auto", "requested", "capped", "degraded"} <= seen, seen
     time.sleep(3)  # the last scrapes and rule evaluations
