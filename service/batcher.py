@@ -373,7 +373,8 @@ class Batcher:
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
             settled.append((item, (results, BatchTimings(start - item.enqueued, inference_s, item.estimate_s)), None))
         _settle(settled)
-        self.costs.observe(depths, [r == AUTO for r in reasons], time.perf_counter() - start)
+        if 2 * n >= self.max_batch_size:  # small batches cost more an image: they would price a deep queue wrong
+            self.costs.observe(depths, [r == AUTO for r in reasons], time.perf_counter() - start)
 
 
 def _fail(batch: list[_Item], message: str) -> None:
