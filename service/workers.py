@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 
 from uvicorn.config import STARTUP_FAILURE
@@ -77,15 +78,19 @@ class Supervisor:
     def __init__(self, settings: Settings, workers: int):
         self.settings, self.n = settings, workers
         self.signals = 0
+        self._wake = threading.Event()
         self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked
 
     def _on_signal(self, sig, frame) -> None:
-        """The first signal starts every worker's drain at once (a request that arrives after it gets 503);
-        a second one stops them now."""
+        """The first signal wakes the main loop, which starts every worker's drain at once (it used to notice
+        only at its next 0.1 s poll, so a request 50 ms after the signal could still get 200); a second
+        signal stops them now."""
         self.signals += 1
-        for p in getattr(self, "procs", []):
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM if self.signals == 1 else signal.SIGINT)
+        self._wake.set()
+        if self.signals > 1:
+            for p in self.procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
 
     def _spawn(self) -> multiprocessing.Process:
         p = self.context.Process(target=_worker, args=(self.settings,), name="puppet-serve-worker")
@@ -109,7 +114,7 @@ class Supervisor:
         self.procs = [self._spawn() for _ in range(self.n)]
         try:
             while not self.signals:
-                time.sleep(0.1)
+                self._wake.wait(0.1)
                 for i, p in enumerate(self.procs):
                     if p.is_alive() or self.signals:
                         continue
