@@ -127,12 +127,25 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(pngs):
         time.sleep(0.05)
         ready = httpx.get(s.url + "/health/ready")
         new = httpx.post(s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"})
-        answers = [f.result() for f in in_flight]
+        answers = [_answer(f) for f in in_flight]
     rc = s.proc.wait(timeout=30)
     assert ready.status_code == 503
     assert new.status_code == 503 and new.json()["error"]["code"] == "draining"
     # what the service had accepted finishes; what reached it after the signal is refused, nothing is dropped
+    # a request still on its way at the signal may race the listener's close (no answer at all); never more
+    # of them than were not yet accepted
+    cut = [r for r in answers if isinstance(r, str)]
+    assert len(cut) <= len(answers) - accepted, cut
+    answers = [r for r in answers if not isinstance(r, str)]
     ok = [r for r in answers if r.status_code == 200]
     assert len(ok) >= accepted and all(len(r.json()["results"]) == 64 for r in ok), "every accepted request finishes"
     assert all(r.json()["error"]["code"] == "draining" for r in answers if r.status_code != 200)
     assert rc == 0 and time.monotonic() - t_signal < 20
+
+
+def _answer(future):
+    """The response, or the name of the transport error when the connection was cut without one."""
+    try:
+        return future.result()
+    except httpx.TransportError as e:
+        return type(e).__name__

@@ -177,9 +177,14 @@ def test_sigterm_drains_every_worker(pngs):
         s.terminate()
         time.sleep(0.05)
         late = httpx.post(s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"})
-        answers = [f.result() for f in in_flight]
+        answers = [_answer(f) for f in in_flight]
     rc = s.proc.wait(30)
     # what the service had accepted finishes; what reached it after the signal is refused, nothing is dropped
+    # a request still on its way at the signal may race the listener's close (no answer at all); never more
+    # of them than were not yet accepted
+    cut = [r for r in answers if isinstance(r, str)]
+    assert len(cut) <= len(answers) - accepted, cut
+    answers = [r for r in answers if not isinstance(r, str)]
     ok = [r for r in answers if r.status_code == 200]
     assert len(ok) >= accepted and all(len(r.json()["results"]) == 64 for r in ok)
     assert all(r.json()["error"]["code"] == "draining" for r in answers if r.status_code != 200)
@@ -208,3 +213,11 @@ def test_workers_starting_together_make_one_onnx_export(tmp_path, pngs):
     assert s.proc.returncode == 0
     exports = [p for p in cache.iterdir() if p.is_dir()]
     assert len(exports) == 1 and (exports[0] / "manifest.json").is_file()
+
+
+def _answer(future):
+    """The response, or the name of the transport error when the connection was cut without one."""
+    try:
+        return future.result()
+    except httpx.TransportError as e:
+        return type(e).__name__
