@@ -10,7 +10,7 @@ from benchmarks.server_process import ServerProcess, free_port
 from conftest import REPO
 
 SHIPPED = os.path.join(REPO, "checkpoints", "puppet-cnn-fmnist.safetensors")
-__all__ = ["SHIPPED", "LiveServer", "free_port"]
+__all__ = ["SHIPPED", "LiveServer", "answer_or_cut", "free_port"]
 
 
 class LiveServer(ServerProcess):
@@ -51,3 +51,11 @@ class LiveServer(ServerProcess):
             if got == want:
                 return float(value)
         return 0.0
+
+
+def answer_or_cut(future):
+    """A request future's response, or the name of the transport error when the connection was cut without one."""
+    try:
+        return future.result()
+    except httpx.TransportError as e:
+        return type(e).__name__

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from live_server import LiveServer
+from live_server import LiveServer, answer_or_cut
 from load import capacity, open_loop
 
 from model import load_dataset
@@ -127,7 +127,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(pngs):
         time.sleep(0.05)
         ready = httpx.get(s.url + "/health/ready")
         new = httpx.post(s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"})
-        answers = [_answer(f) for f in in_flight]
+        answers = [answer_or_cut(f) for f in in_flight]
     rc = s.proc.wait(timeout=30)
     assert ready.status_code == 503
     assert new.status_code == 503 and new.json()["error"]["code"] == "draining"
@@ -141,11 +141,3 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(pngs):
     assert len(ok) >= accepted and all(len(r.json()["results"]) == 64 for r in ok), "every accepted request finishes"
     assert all(r.json()["error"]["code"] == "draining" for r in answers if r.status_code != 200)
     assert rc == 0 and time.monotonic() - t_signal < 20
-
-
-def _answer(future):
-    """The response, or the name of the transport error when the connection was cut without one."""
-    try:
-        return future.result()
-    except httpx.TransportError as e:
-        return type(e).__name__

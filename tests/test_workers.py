@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from live_server import LiveServer
+from live_server import LiveServer, answer_or_cut
 
 from model import load_dataset
 from model.data import encode_png
@@ -177,7 +177,7 @@ def test_sigterm_drains_every_worker(pngs):
         s.terminate()
         time.sleep(0.05)
         late = httpx.post(s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"})
-        answers = [_answer(f) for f in in_flight]
+        answers = [answer_or_cut(f) for f in in_flight]
     rc = s.proc.wait(30)
     # what the service had accepted finishes; what reached it after the signal is refused, nothing is dropped
     # a request still on its way at the signal may race the listener's close (no answer at all); never more
@@ -213,11 +213,3 @@ def test_workers_starting_together_make_one_onnx_export(tmp_path, pngs):
     assert s.proc.returncode == 0
     exports = [p for p in cache.iterdir() if p.is_dir()]
     assert len(exports) == 1 and (exports[0] / "manifest.json").is_file()
-
-
-def _answer(future):
-    """The response, or the name of the transport error when the connection was cut without one."""
-    try:
-        return future.result()
-    except httpx.TransportError as e:
-        return type(e).__name__
