@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from model import Checkpoint, CheckpointError, load_checkpoint
 from model.onnx_export import OnnxExportError, ensure_export, verified_export
@@ -118,11 +119,17 @@ def load_service(state: ServiceState) -> None:
     log.info("model %s loaded on %s in %.2f s; ready", ckpt.version, device, time.perf_counter() - t0)
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive by its deadline."""
+
+
 class MetricsMiddleware:
-    """Request id, in-flight gauge, 503 while draining, request metrics by route template, one access-log line."""
+    """Request id, in-flight gauge, 503 while draining, a deadline on reading the body, transfer codings,
+    request metrics by route template, one access-log line."""
 
     def __init__(self, app, state: ServiceState):
         self.app, self.state = app, state
+        self.read_timeout_s = state.settings.read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -130,10 +137,26 @@ class MetricsMiddleware:
         path = scope["path"]
         start = time.perf_counter()
         started_token = _STARTED.set(start)
-        request_id = _request_id(scope)
+        request_id, coding = _scan_headers(scope)
         fields = {"request_id": request_id, "method": scope["method"], "path": path}
         token = REQUEST_FIELDS.set(fields)
         status, started = 500, False
+        body_deadline = asyncio.get_running_loop().time() + self.read_timeout_s
+        body_done = False
+
+        async def receive_by_deadline():
+            """The body must arrive by its deadline (a client that sends less than its Content-Length would
+            otherwise hold the request for ever); afterwards receive() only reports a disconnect."""
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
 
         async def send_with_id(message):
             nonlocal status, started
@@ -145,17 +168,31 @@ class MetricsMiddleware:
         self.state.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
-            if self.state.draining and not path.startswith(HEALTH_PATHS):
+            if coding is not None:
+                # RFC 9112 suggests 501; 400 says whose fault it is, and keeps a client's odd framing out of the
+                # server-error ratio that pages people. The body's framing is unknown, so the connection closes.
+                fields["error"] = "unsupported_transfer_coding"
+                message = f"Transfer-Encoding {coding!r} is not supported; send Content-Length or chunked alone"
+                await _refusal(path, 400, fields["error"], message, {"Connection": "close"})(
+                    scope, receive, send_with_id
+                )
+            elif self.state.draining and not path.startswith(HEALTH_PATHS):
                 metrics.REJECTIONS.labels("draining").inc()
                 fields["error"] = "draining"
-                message, headers = "the service is shutting down; retry on another instance", {"Retry-After": "1"}
-                if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
-                    response = JSONResponse({"error": message}, status_code=503, headers=headers)
-                else:
-                    response = error_response(503, "draining", message, headers)
-                await response(scope, receive, send_with_id)
+                message = "the service is shutting down; retry on another instance"
+                await _refusal(path, 503, "draining", message, {"Retry-After": "1"})(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive_by_deadline, send_with_id)
+        except BodyTimeout:
+            if started:
+                raise
+            metrics.REJECTIONS.labels("read_timeout").inc()
+            fields["error"] = "request_timeout"
+            message = f"the request body did not arrive within {self.read_timeout_s:g} s"
+            await _refusal(path, 408, "request_timeout", message, {"Connection": "close"})(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, and not our failure
+            status = CLIENT_CLOSED
+            fields["error"] = "client_closed"
         except Exception as exc:  # a bug, not bad input: log it under an id the caller can quote
             if started:
                 raise
@@ -184,6 +221,17 @@ class MetricsMiddleware:
             access_line(fields, quiet=path.startswith(HEALTH_PATHS))
 
 
+# nginx's "client closed request": logged and counted, never as a server error (alerts count 5xx)
+CLIENT_CLOSED = 499
+
+
+def _refusal(path: str, status: int, code: str, message: str, headers: dict[str, str]) -> JSONResponse:
+    """An answer given before the route runs, in the error shape of the API the path belongs to."""
+    if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_response(status, code, message, headers)
+
+
 _STARTED: ContextVar[float | None] = ContextVar("puppet_request_started", default=None)
 
 
@@ -194,14 +242,16 @@ def request_started() -> float:
     return time.perf_counter() if started is None else started
 
 
-def _request_id(scope) -> str:
-    """The caller's X-Request-Id when it is a sane token (it is logged and echoed), else a fresh one."""
+def _scan_headers(scope) -> tuple[str, str | None]:
+    """The request id: the caller's X-Request-Id when it is a sane token (it is logged and echoed), else a
+    fresh one; and a Transfer-Encoding other than plain chunked (None when there is none or it is chunked)."""
+    request_id = coding = None
     for k, v in scope["headers"]:
-        if k == b"x-request-id":
-            if 0 < len(v) <= 128 and all(33 <= c < 127 for c in v):
-                return v.decode("ascii")
-            break
-    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+        if k == b"x-request-id" and request_id is None:
+            request_id = v.decode("ascii") if 0 < len(v) <= 128 and all(33 <= c < 127 for c in v) else ""
+        elif k == b"transfer-encoding" and v.strip().lower() != b"chunked":
+            coding = v.decode("latin-1")
+    return request_id or f"{_ID_PREFIX}-{next(_ID_COUNTER):x}", coding
 
 
 # generated ids: a random per-process prefix and a counter (uuid4 on every request costs a syscall)

@@ -4,6 +4,11 @@ Every record carries `ts`, `level`, `logger`, `pid` and `message`; structured fi
 and become top-level keys. The access log (`puppet.access`) writes one line per request: request id, route,
 status, images, depths and why, timings, and for failures the error code and error id. Image bytes never
 appear in a log line: handlers record sizes and decisions, not payloads.
+
+Whatever the input, the output stays one JSON object per line: Python warnings (Pillow warns once per bad EXIF
+tag: 20,000 lines for one crafted upload) are logged as records of `py.warnings`, and repeats of one message
+(one warning site, or one log call) are rate-limited below error level: at most `RATE_LIMIT` a minute each, the next one that
+passes saying how many were dropped. The access log is never limited: one line per request.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+import warnings
 from contextvars import ContextVar
 
 ACCESS = logging.getLogger("puppet.access")
@@ -42,8 +49,68 @@ class _DropHandledStartupTraceback(logging.Filter):
         return "StartupFailed" not in str(record.msg)
 
 
+RATE_LIMIT, RATE_WINDOW_S = 10, 60.0
+WARNINGS = logging.getLogger("py.warnings")
+
+
+class RateLimit(logging.Filter):
+    """At most `limit` records per `window_s` for each message (logger, level and the call's format string, or
+    for a warning its category and source line); the first record let through after some were dropped carries
+    `suppressed`, how many. Thread-safe: decoding threads warn too."""
+
+    def __init__(self, limit: int = RATE_LIMIT, window_s: float = RATE_WINDOW_S, exempt: tuple[str, ...] = ()):
+        super().__init__()
+        self.limit, self.window_s, self.exempt = limit, window_s, exempt
+        self._seen: dict[tuple, list] = {}  # key -> [window start, records in window, dropped]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or record.name in self.exempt:  # errors carry ids people quote
+            return True
+        fields = getattr(record, "fields", None) or {}
+        key = (record.name, record.levelno, fields.get("warning_site") or str(record.msg))
+        now = record.created
+        with self._lock:
+            if len(self._seen) > 10_000:  # bounded whatever the variety of messages
+                self._seen.clear()
+            entry = self._seen.setdefault(key, [now, 0, 0])
+            if now - entry[0] >= self.window_s:
+                entry[0], entry[1] = now, 0
+            entry[1] += 1
+            if entry[1] > self.limit:
+                entry[2] += 1
+                return False
+            dropped, entry[2] = entry[2], 0
+        if dropped:
+            record.fields = {**fields, "suppressed": dropped}
+        return True
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning: a warning becomes one log record, rate-limited by where it was raised."""
+    site = f"{filename}:{lineno}"
+    WARNINGS.warning(
+        "%s: %s", category.__name__, message, extra={"fields": {"category": category.__name__, "warning_site": site}}
+    )
+
+
+def _log_thread_death(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: a thread's uncaught exception is one record (with its traceback), not plain text."""
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("puppet.threads").error(
+        "thread %s died: %s",
+        getattr(args.thread, "name", "?"),
+        args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
 def configure_logging(level: str, fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RateLimit(exempt=(ACCESS.name,)))
+    warnings.showwarning = _log_warning
+    threading.excepthook = _log_thread_death
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

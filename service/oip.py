@@ -7,8 +7,6 @@ Outputs: `probabilities` FP32 [N, K], `depth` INT64 [N], `label` BYTES [N].
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any
 
 import torch
@@ -27,7 +25,7 @@ from service.schemas import (
     OipModelReady,
     OipReady,
 )
-from service.uploads import parse_depth
+from service.uploads import decode_base64, parse_depth
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 MODEL_NAME = "puppet-cnn"
@@ -224,10 +222,7 @@ def _input_images(state, tensor: InferInput) -> torch.Tensor | list[bytes]:
         for i, item in enumerate(data):
             if not isinstance(item, str):
                 raise ApiError(400, "invalid_datatype", f"BYTES item {i} must be a base64 string")
-            try:
-                blobs.append(base64.b64decode(item, validate=True))
-            except (binascii.Error, ValueError):
-                raise ApiError(400, "invalid_base64", f"BYTES item {i} is not valid base64") from None
+            blobs.append(decode_base64(item, i))
         return blobs  # decoded by the caller (async)
     raise ApiError(
         400, "invalid_datatype", f"datatype {tensor.datatype} is not supported; send FP32 [N, C, H, W] or BYTES [N]"

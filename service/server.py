@@ -17,6 +17,7 @@ import time
 import uvicorn
 
 from service.app import create_app
+from service.connections import timed_protocol
 from service.logs import configure_logging
 from service.settings import Settings
 from service.workers import Supervisor, worker_count
@@ -83,5 +84,6 @@ def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -
         access_log=False,  # one structured line per request comes from the service itself
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
         lifespan="on",
+        http=timed_protocol(settings.read_timeout_s),  # httptools, with a deadline on each request's head
     )
     DrainingServer(config, app.state.service, settings.drain_timeout_s).run(sockets=sockets)

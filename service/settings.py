@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         description="a crashed inference worker restarts after this (doubling while it keeps crashing)",
     )
     drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: how long in-flight requests may finish")
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="a request's head, and then its body, must arrive within this (else 408 and the connection closes)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for a terminal")
 

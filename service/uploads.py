@@ -56,7 +56,8 @@ def parse_top_k(value: str | int | None, default: int, num_classes: int) -> int:
     return k
 
 
-def _b64(text: str, i: int) -> bytes:
+def decode_base64(text: str, i: int) -> bytes:
+    """One base64-encoded image (the i-th of the request) to its bytes; 400 invalid_base64 otherwise."""
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError, TypeError):
@@ -95,7 +96,7 @@ async def images_and_options(request: Request, limit: int, max_images: int) -> t
             raise ApiError(400, "no_image", "the JSON body needs 'image' (base64) or 'images' (a list of base64)")
         if len(texts) > max_images:
             raise ApiError(413, "too_many_images", f"{len(texts)} images in one request; the limit is {max_images}")
-        images = [_b64(t, i) for i, t in enumerate(texts)]
+        images = [decode_base64(t, i) for i, t in enumerate(texts)]
         for k in ("top_k", "depth", "max_depth"):
             if getattr(payload, k) is not None:
                 options[k] = getattr(payload, k)
