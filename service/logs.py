@@ -62,7 +62,7 @@ class RateLimit(logging.Filter):
         super().__init__()
         self.limit, self.window_s, self.exempt = limit, window_s, exempt
         self._seen: dict[tuple, list] = {}  # key -> [window start, records in window, dropped]
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered if a signal handler logs while the main thread is in here
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR or record.name in self.exempt:  # errors carry ids people quote

@@ -31,28 +31,37 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state, self.drain_timeout_s = state, drain_timeout_s
         self._drain_started = False
+        self._signalled = threading.Event()
+        threading.Thread(target=self._drain, name="puppet-drain", daemon=True).start()
 
     def handle_exit(self, sig, frame) -> None:
+        """A signal handler runs between two bytecodes of the main thread, which may hold a lock at that
+        moment (a metric's, the log handler's): taking one here can deadlock the process for good (a worker
+        once ignored SIGTERM that way). So it only flags the drain and wakes the thread that runs it."""
         if self._drain_started:  # a second SIGINT exits at once; a repeated SIGTERM changes nothing
             return super().handle_exit(sig, frame) if sig == signal.SIGINT else None
         self._drain_started = True
-        self.state.draining = True
+        self.state.draining = True  # new requests get 503 from here on
+        self._signal = sig
+        self._signalled.set()  # this event's lock is only ever taken here and by the waiting drain thread
+
+    def _drain(self) -> None:
+        self._signalled.wait()
         self.state.set_ready(False)
         log.info(
-            "signal %s: draining %d in-flight requests (up to %.1f s)", sig, self.state.in_flight, self.drain_timeout_s
+            "signal %s: draining %d in-flight requests (up to %.1f s)",
+            self._signal,
+            self.state.in_flight,
+            self.drain_timeout_s,
         )
-
-        def drain():
-            deadline = time.monotonic() + self.drain_timeout_s
-            while self.state.in_flight > 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            # a connection already on its way is accepted and answered 503 rather than reset
-            time.sleep(min(DRAIN_LINGER_S, max(0.0, deadline - time.monotonic())))
-            # set directly rather than through handle_exit, which would re-raise the signal at exit
-            # and end a clean drain with status -15 instead of 0
-            self.should_exit = True
-
-        threading.Thread(target=drain, name="puppet-drain", daemon=True).start()
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.state.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # a connection already on its way is accepted and answered 503 rather than reset
+        time.sleep(min(DRAIN_LINGER_S, max(0.0, deadline - time.monotonic())))
+        # set directly rather than through handle_exit, which would re-raise the signal at exit
+        # and end a clean drain with status -15 instead of 0
+        self.should_exit = True
 
     async def shutdown(self, sockets=None) -> None:
         """Stop accepting first, then give requests already read off accepted connections a moment to be
