@@ -54,9 +54,9 @@ WARNINGS = logging.getLogger("py.warnings")
 
 
 class RateLimit(logging.Filter):
-    """At most `limit` records per `window_s` for each message (logger, level and the call's format string, or
-    for a warning its category and source line); the first record let through after some were dropped carries
-    `suppressed`, how many. Thread-safe: decoding threads warn too."""
+    """At most `limit` records per `window_s` for each message (logger, level and the call's format string);
+    the first record let through after some were dropped carries `suppressed`, how many. Thread-safe:
+    decoding threads log and warn too."""
 
     def __init__(self, limit: int = RATE_LIMIT, window_s: float = RATE_WINDOW_S, exempt: tuple[str, ...] = ()):
         super().__init__()
@@ -64,12 +64,8 @@ class RateLimit(logging.Filter):
         self._seen: dict[tuple, list] = {}  # key -> [window start, records in window, dropped]
         self._lock = threading.RLock()  # re-entered if a signal handler logs while the main thread is in here
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR or record.name in self.exempt:  # errors carry ids people quote
-            return True
-        fields = getattr(record, "fields", None) or {}
-        key = (record.name, record.levelno, fields.get("warning_site") or str(record.msg))
-        now = record.created
+    def admit(self, key: tuple, now: float) -> int | None:
+        """None when this one is over the limit; else how many like it were dropped since the last one let through."""
         with self._lock:
             if len(self._seen) > 10_000:  # bounded whatever the variety of messages
                 self._seen.clear()
@@ -79,19 +75,34 @@ class RateLimit(logging.Filter):
             entry[1] += 1
             if entry[1] > self.limit:
                 entry[2] += 1
-                return False
+                return None
             dropped, entry[2] = entry[2], 0
+            return dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or record.name in self.exempt:  # errors carry ids people quote
+            return True
+        dropped = self.admit((record.name, record.levelno, str(record.msg)), record.created)
+        if dropped is None:
+            return False
         if dropped:
-            record.fields = {**fields, "suppressed": dropped}
+            record.fields = {**(getattr(record, "fields", None) or {}), "suppressed": dropped}
         return True
 
 
+_WARNING_LIMIT = RateLimit()
+
+
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """warnings.showwarning: a warning becomes one log record, rate-limited by where it was raised."""
+    """warnings.showwarning: a warning becomes one log record, rate-limited by where it was raised (one
+    site's messages differ only in their numbers). Checked before the record is made: a crafted upload
+    raises thousands."""
     site = f"{filename}:{lineno}"
-    WARNINGS.warning(
-        "%s: %s", category.__name__, message, extra={"fields": {"category": category.__name__, "warning_site": site}}
-    )
+    dropped = _WARNING_LIMIT.admit((category, site), time.time())
+    if dropped is None:
+        return
+    fields = {"category": category.__name__, "warning_site": site, **({"suppressed": dropped} if dropped else {})}
+    WARNINGS.warning("%s: %s", category.__name__, message, extra={"fields": fields})
 
 
 def _log_thread_death(args: threading.ExceptHookArgs) -> None:
@@ -108,7 +119,7 @@ def _log_thread_death(args: threading.ExceptHookArgs) -> None:
 
 def configure_logging(level: str, fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RateLimit(exempt=(ACCESS.name,)))
+    handler.addFilter(RateLimit(exempt=(ACCESS.name, WARNINGS.name)))  # warnings: _log_warning
     warnings.showwarning = _log_warning
     threading.excepthook = _log_thread_death
     if fmt == "json":
