@@ -186,7 +186,7 @@ class MetricsMiddleware:
         except BodyTimeout:
             if started:
                 raise
-            metrics.REJECTIONS.labels("read_timeout").inc()
+            metrics.REJECTIONS.labels("request_timeout").inc()
             fields["error"] = "request_timeout"
             message = f"the request body did not arrive within {self.read_timeout_s:g} s"
             await _refusal(path, 408, "request_timeout", message, {"Connection": "close"})(scope, receive, send_with_id)

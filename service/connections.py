@@ -7,6 +7,9 @@ connection. Otherwise: a connection that sent part of a head gets 408 and is clo
 like any answered request); one that sent nothing is closed silently (a load balancer's TCP check, a
 browser's spare connection: no request was made). The body has its own deadline in the middleware
 (service/app.py), which knows the route and answers in the route's error shape.
+
+A head is also limited in size (httptools has no limit: an 8 MB header line or 100,000 headers were read in
+full): past `MAX_HEAD_BYTES` the client gets 431 and the connection is closed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from service import metrics
 from service.logs import access_line
 
 log = logging.getLogger("puppet.connections")
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; ours and every OIP client send well under 2 KB
+LINGER_S = 2.0  # after refusing a head: what the client still sends is read and dropped, then the connection closes
 
 
 def timed_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:
@@ -32,10 +37,27 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     read_timeout_s = 10.0
     _head_timer: asyncio.TimerHandle | None = None
     _began = False  # the current request's first byte has arrived
+    _head_bytes = 0  # bytes received while the current head is incomplete
+    _discarding = False  # refused: the rest of what the client sends is dropped unread
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        if self._head_timer is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_timer is not None and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._disarm()
+            self._refuse(
+                431,
+                "Request Header Fields Too Large",
+                "header_too_large",
+                f"the request head is over {MAX_HEAD_BYTES:,} bytes",
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -52,7 +74,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _arm(self) -> None:
-        self._began = False
+        self._began, self._head_bytes = False, 0
         self._head_timer = self.loop.call_later(self.read_timeout_s, self._head_timed_out)
 
     def _disarm(self) -> None:
@@ -70,16 +92,29 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if not self._began:
             self.transport.close()  # nothing asked, nothing to answer
             return
-        message = f"the request head did not arrive within {self.read_timeout_s:g} s"
-        body = json.dumps({"error": {"code": "request_timeout", "message": message}}).encode()
-        self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (len(body), body)
+        self._refuse(
+            408,
+            "Request Timeout",
+            "request_timeout",
+            f"the request head did not arrive within {self.read_timeout_s:g} s",
         )
-        self.transport.close()
-        metrics.REJECTIONS.labels("read_timeout").inc()
-        metrics.REQUESTS.labels("unmatched", "408").inc()
-        fields = {"route": "unmatched", "status": 408, "error": "request_timeout"}
+
+    def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+        """Answer a request whose head never completed, log and count it, and close the connection. Closing with
+        unread input makes the kernel reset the connection, which can destroy the answer before the client
+        reads it; so the sending side closes first, and what still arrives is dropped for `LINGER_S`."""
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+        )
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+        metrics.REJECTIONS.labels(code).inc()
+        metrics.REQUESTS.labels("unmatched", str(status)).inc()
+        fields = {"route": "unmatched", "status": status, "error": code}
         if self.client:
             fields["client"] = self.client[0]
         access_line(fields, quiet=False)

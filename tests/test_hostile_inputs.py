@@ -149,6 +149,27 @@ def test_a_kept_alive_connection_gets_the_same_head_deadline(server, png):
     assert status == 408 and elapsed < READ_TIMEOUT_S + 2
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"X-Big: " + b"a" * (8 << 20) + b"\r\n",  # one 8 MB header line
+        b"".join(b"X-%d: y\r\n" % i for i in range(100_000)),  # 100,000 headers
+    ],
+    ids=["8MB-line", "100k-headers"],
+)
+def test_an_oversized_request_head_gets_431_and_is_closed(server, head):
+    before = _requests_total(server)
+    with _connect(server) as sock:
+        try:
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: the answer is already in our receive buffer
+        status, headers, body, _ = _read_response(sock)
+    assert status == 431 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "header_too_large"
+    assert _moved(before, _requests_total(server)) == {"431": 1}
+
+
 def test_a_body_shorter_than_its_content_length_gets_408(server, png):
     with _connect(server) as sock:
         sock.sendall(
