@@ -54,6 +54,7 @@ COPY checkpoints/puppet-cnn-fmnist.safetensors ./checkpoints/
 ENV PATH=/opt/venv/bin:$PATH \
     PUPPET_HOST=0.0.0.0 \
     PUPPET_PORT=8000 \
+    PUPPET_GRPC_PORT=8001 \
     PUPPET_DEVICE=auto \
     PUPPET_CHECKPOINT=/app/checkpoints/puppet-cnn-fmnist.safetensors \
     OMP_NUM_THREADS=1 \
@@ -62,7 +63,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MALLOC_TRIM_THRESHOLD_=268435456 \
     MALLOC_TOP_PAD_=67108864
 USER 10001:10001
-EXPOSE 8000
+# HTTP (REST, Open Inference Protocol, metrics); the Open Inference Protocol over gRPC
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status == 200 else 1)"]
 STOPSIGNAL SIGTERM

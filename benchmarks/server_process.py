@@ -34,7 +34,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Starts the server and returns once /health/ready answers 200.
+    """Starts the server and returns once /health/ready answers 200: HTTP on `port` (`url`), gRPC on `grpc_port`
+    (`grpc_target`), both free loopback ports unless `settings` set them.
 
     Raises RuntimeError with the server's output if it exits first or is not ready in `timeout` seconds.
     Output goes to a temporary file, never a pipe that a long run could fill.
@@ -59,9 +60,16 @@ class ServerProcess:
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**(os.environ if base_env is None else base_env), **(env or {}), "PUPPET_PORT": str(self.port)}
+        full_env = {
+            **(os.environ if base_env is None else base_env),
+            **(env or {}),
+            "PUPPET_PORT": str(self.port),
+            "PUPPET_GRPC_PORT": str(free_port()),  # never Triton's 8001, which parallel servers would share
+        }
         full_env.setdefault("PUPPET_LOG_LEVEL", "warning")
         full_env.update({f"PUPPET_{k.upper()}": str(v) for k, v in settings.items()})
+        self.grpc_port = int(full_env["PUPPET_GRPC_PORT"])  # 0: gRPC is off
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             command or [sys.executable, "-m", "service.cli", "serve"],

@@ -273,11 +273,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as e:
             log.critical("cannot start: %s: %s", type(e).__name__, e, exc_info=e)
             raise StartupFailed(str(e)) from None
+        grpc_server = None
+        if settings.grpc_port:  # listens, like HTTP, only once the model is loaded and warm
+            from service.grpc_server import start_grpc_server  # not at import: see service/grpc_server.py
+
+            grpc_server = await start_grpc_server(state)
         state.set_ready(True)
         try:
             yield
         finally:
             state.set_ready(False)
+            if grpc_server is not None:  # calls still running get the grace period, new ones UNAVAILABLE
+                await grpc_server.stop(settings.drain_timeout_s)
             if state.batcher is not None:
                 await asyncio.to_thread(state.batcher.stop, settings.drain_timeout_s)
 

@@ -16,9 +16,13 @@ FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 COMPLEXITY_BUCKETS = (0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0)
 
-REQUESTS = Counter("puppet_requests_total", "HTTP requests by route template and status code", ["route", "status"])
+REQUESTS = Counter(
+    "puppet_requests_total",
+    "requests by route (HTTP route template or gRPC method) and HTTP status (for gRPC, the one its code stands for)",
+    ["route", "status"],
+)
 REQUEST_DURATION = Histogram(
-    "puppet_request_duration_seconds", "HTTP request duration", ["route"], buckets=LATENCY_BUCKETS
+    "puppet_request_duration_seconds", "request duration (HTTP and gRPC)", ["route"], buckets=LATENCY_BUCKETS
 )
 QUEUE_WAIT = Histogram("puppet_queue_wait_seconds", "time an image waited for the worker", buckets=LATENCY_BUCKETS)
 PREPROCESS = Histogram(
@@ -44,7 +48,7 @@ COMPLEXITY = Histogram(
 )
 BATCH_SIZE = Histogram("puppet_batch_size_images", "images per worker batch", buckets=BATCH_BUCKETS)
 QUEUE_LENGTH = Gauge("puppet_queue_length_images", "images waiting for the worker", multiprocess_mode="livesum")
-IN_FLIGHT = Gauge("puppet_in_flight_requests", "HTTP requests being handled", multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("puppet_in_flight_requests", "requests being handled (HTTP and gRPC)", multiprocess_mode="livesum")
 REJECTIONS = Counter("puppet_rejections_total", "requests refused before inference, by reason", ["reason"])
 KERNEL_GENERATION = Histogram(
     "puppet_kernel_generation_seconds", "generating every depth's kernels", buckets=FAST_BUCKETS

@@ -1,21 +1,35 @@
-"""The KServe Open Inference Protocol (v2) subset, so standard clients work unchanged.
+"""The KServe Open Inference Protocol (v2) over HTTP, so standard clients (tritonclient.http, kserve) work unchanged.
 
-Inputs: one tensor, either FP32 [N, C, H, W] already normalised with the model's mean/std, or BYTES [N]
-of encoded images (base64 strings in JSON). An optional `depth` parameter (request or input level).
-Outputs: `probabilities` FP32 [N, K], `depth` INT64 [N], `label` BYTES [N].
+The model, its tensors and parameters are in service/oip_tensors.py (shared with gRPC, service/grpc_server.py).
+Here: the routes, and the infer body: JSON (with any Content-Type or none: tritonclient sends none), or Triton's
+binary tensor data extension, where an `Inference-Header-Content-Length` header says how much of the body is the
+JSON header and the raw tensors follow it (an input's `parameters.binary_data_size` says how many bytes are its).
+An output goes back raw when its `parameters.binary_data` is true, or by default when the request's
+`binary_data_output` is; the answer is then `application/octet-stream` with the same header. A gzip or deflate
+body (`Content-Encoding`) is accepted. The body is read up to `max_upload_bytes` (413 past it, before any parsing).
 """
 
 from __future__ import annotations
 
+import json
+import zlib
 from typing import Annotated, Any
 
-import torch
-from fastapi import APIRouter, Path
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Header, Path, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import ApiError
-from service.routes import ReadyState, State, admission_check, decode_all, infer, model_info
+from service.oip_tensors import (
+    MODEL_NAME,
+    InputTensor,
+    OutputTensor,
+    check_model,
+    infer_outputs,
+    model_metadata,
+    server_metadata,
+)
+from service.routes import ReadyState, State
 from service.schemas import (
     EXAMPLE_PNG_BASE64,
     OipError,
@@ -24,19 +38,33 @@ from service.schemas import (
     OipModelMetadata,
     OipModelReady,
     OipReady,
+    OipServerMetadata,
 )
-from service.uploads import decode_base64, parse_depth
+from service.uploads import read_body
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
-MODEL_NAME = "puppet-cnn"
 ModelName = Annotated[str, Path(description="the served model's name", examples=[MODEL_NAME])]
+HeaderLength = Annotated[
+    int | None,
+    Header(
+        ge=0,
+        description="binary tensor data extension: the length of the JSON header that starts the body; the raw "
+        "tensors follow it",
+    ),
+]
+BINARY = {"type": "string", "format": "binary"}
 
 
 class InferInput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = None  # absent when the tensor is raw (parameters.binary_data_size)
+    parameters: dict[str, Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: str
     parameters: dict[str, Any] | None = None
 
 
@@ -58,24 +86,39 @@ class InferRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[InferInput] = Field(min_length=1)
-    outputs: list[dict[str, Any]] | None = None
+    outputs: list[RequestedOutput] | None = None
 
 
-def _check_name(name: str) -> None:
-    if name != MODEL_NAME:
-        raise ApiError(404, "model_not_found", f"model {name!r} is not served here; this server serves {MODEL_NAME!r}")
+def _inlined(schema: dict) -> dict:
+    """A pydantic JSON schema with its $defs inlined: in an OpenAPI document #/$defs/... would not resolve."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
 
 
-def _flatten(data: list) -> list:
-    out = []
-    stack = [data]
-    while stack:  # iterative, so a deeply nested list cannot blow the recursion limit
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        else:
-            out.append(item)
-    return out
+INFER_REQUEST_DOCS = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON (any Content-Type, or none); or, with Inference-Header-Content-Length, that many bytes "
+        "of JSON followed by the raw tensors (the binary tensor data extension)",
+        "content": {
+            "application/json": {"schema": _inlined(InferRequest.model_json_schema())},
+            "application/octet-stream": {"schema": BINARY},
+        },
+    }
+}
+
+
+@router.get("", response_model=OipServerMetadata, summary="Server metadata")
+async def v2_server_metadata() -> dict:
+    return server_metadata()
 
 
 @router.get("/health/live", response_model=OipLive)
@@ -93,24 +136,8 @@ async def v2_ready(state: State) -> JSONResponse:
     "/models/{name}", response_model=OipModelMetadata, responses={404: {"model": OipError}, 503: {"model": OipError}}
 )
 async def v2_metadata(name: ModelName, state: ReadyState) -> dict:
-    _check_name(name)
-    info = model_info(state)
-    c, (h, w) = info["preprocessing"]["channels"], info["preprocessing"]["input_size"]
-    return {
-        "name": MODEL_NAME,
-        "versions": [info["version"]],
-        "platform": f"pytorch_{info['provider']}",
-        "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [-1, c, h, w]},
-            {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]},
-        ],
-        "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(info["classes"])]},
-            {"name": "depth", "datatype": "INT64", "shape": [-1]},
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-        ],
-        "parameters": {"depth": f"auto or 1..{info['max_depth']}", "classes": info["classes"]},
-    }
+    check_model(name)
+    return model_metadata(state)
 
 
 @router.get(
@@ -119,7 +146,7 @@ async def v2_metadata(name: ModelName, state: ReadyState) -> dict:
     responses={404: {"model": OipError}, 503: {"model": OipModelReady}},
 )
 async def v2_model_ready(name: ModelName, state: State) -> JSONResponse:
-    _check_name(name)
+    check_model(name)
     ok = state.serving
     return JSONResponse({"name": MODEL_NAME, "ready": ok}, status_code=200 if ok else 503)
 
@@ -128,102 +155,135 @@ async def v2_model_ready(name: ModelName, state: State) -> JSONResponse:
     "/models/{name}/infer",
     response_model=None,  # documented below; the answer is built as a dict and not re-validated on the hot path
     responses={
-        200: {"model": OipInferResponse},
-        **{
-            status: {"model": OipError}
-            for status in (400, 404, 413, 422, 429, 500, 503, 504)  # 422: a bad `depth` parameter
+        200: {
+            "model": OipInferResponse,
+            "content": {"application/octet-stream": {"schema": BINARY}},
+            "headers": {
+                "Inference-Header-Content-Length": {
+                    "description": "with raw outputs: the length of the JSON header that starts the body",
+                    "schema": {"type": "integer"},
+                }
+            },
         },
+        # 415: a Content-Encoding other than gzip or deflate; 422: a bad `depth` parameter
+        **{status: {"model": OipError} for status in (400, 404, 413, 415, 422, 429, 500, 503, 504)},
     },
+    openapi_extra=INFER_REQUEST_DOCS,
+    summary="Inference (JSON, or the binary tensor data extension)",
 )
-async def v2_infer(name: ModelName, request: InferRequest, state: ReadyState) -> dict:
-    _check_name(name)
-    if len(request.inputs) != 1:
-        raise ApiError(400, "invalid_input", f"send exactly one input tensor, got {len(request.inputs)}")
-    tensor = request.inputs[0]
-    params = {**(request.parameters or {}), **(tensor.parameters or {})}
-    ckpt = state.ckpt
-    depth = parse_depth(params.get("depth"), ckpt.config.max_depth)
-    images = _input_images(state, tensor)
-    if isinstance(images, list):  # encoded images
-        admission_check(state, len(images), depth=depth, max_depth=None)
-        images = await decode_all(state, images)
-    results, _ = await infer(state, images, depth=depth, max_depth=None)
-    n = len(results)
-    probs = torch.stack([r.probabilities for r in results])
-    return {
-        "model_name": MODEL_NAME,
-        "model_version": ckpt.version,
-        "id": request.id or "",
-        "outputs": [
-            {
-                "name": "probabilities",
-                "datatype": "FP32",
-                "shape": [n, probs.shape[1]],
-                "data": probs.flatten().tolist(),
-            },
-            {"name": "depth", "datatype": "INT64", "shape": [n], "data": [r.depth for r in results]},
-            {
-                "name": "label",
-                "datatype": "BYTES",
-                "shape": [n],
-                "data": [ckpt.classes[int(r.probabilities.argmax())] for r in results],
-            },
-        ],
-    }
+async def v2_infer(
+    name: ModelName, request: Request, state: ReadyState, inference_header_content_length: HeaderLength = None
+) -> Response:
+    check_model(name)
+    limit = state.settings.max_upload_bytes
+    body = _decoded(await read_body(request, limit), request.headers.get("content-encoding", ""), limit)
+    req, inputs = _parse(body, inference_header_content_length)
+    binary, binary_default = _binary_outputs(req)
+    outputs = await infer_outputs(
+        state,
+        inputs,
+        req.parameters or {},
+        [(o.name, o.parameters or {}) for o in req.outputs] if req.outputs else None,
+    )
+    return _answer(req.id or "", state.ckpt.version, outputs, [binary.get(o.name, binary_default) for o in outputs])
 
 
-def _input_images(state, tensor: InferInput) -> torch.Tensor | list[bytes]:
-    """FP32 normalised [N, C, H, W] back to intensities in [0, 1]; BYTES are decoded like /classify's."""
-    pre = state.ckpt.preprocessing
-    data = _flatten(tensor.data)
-    if tensor.datatype == "FP32":
-        expected = [pre.channels, pre.image_size, pre.image_size]
-        if len(tensor.shape) != 4 or tensor.shape[1:] != expected or tensor.shape[0] < 1:
-            raise ApiError(
-                400,
-                "invalid_shape",
-                f"FP32 input must have shape [N, {', '.join(map(str, expected))}], got {tensor.shape}",
-            )
-        n = tensor.shape[0]
-        if n > state.settings.max_images_per_request:
-            raise ApiError(
-                413,
-                "too_many_images",
-                f"{n} images in one request; the limit is {state.settings.max_images_per_request}",
-            )
-        if len(data) != n * pre.channels * pre.image_size**2:
-            raise ApiError(
-                400,
-                "invalid_shape",
-                f"shape {tensor.shape} needs {n * pre.channels * pre.image_size**2} values, got {len(data)}",
-            )
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in data):
-            raise ApiError(400, "invalid_datatype", "FP32 data must be numbers")
-        x = torch.tensor(data, dtype=torch.float32).view(n, *expected)
-        if not torch.isfinite(x).all():
-            raise ApiError(400, "invalid_datatype", "FP32 data must be finite")
-        mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
-        std = torch.tensor(pre.std).view(1, -1, 1, 1)
-        return (x * std + mean).clamp(0, 1)
-    if tensor.datatype == "BYTES":
-        if len(tensor.shape) != 1 or tensor.shape[0] != len(data) or not data:
-            raise ApiError(
-                400,
-                "invalid_shape",
-                f"BYTES input must have shape [N] matching its {len(data)} items, got {tensor.shape}",
-            )
-        if len(data) > state.settings.max_images_per_request:
-            raise ApiError(
-                413,
-                "too_many_images",
-                f"{len(data)} images in one request; the limit is {state.settings.max_images_per_request}",
-            )
-        blobs = []
-        for i, item in enumerate(data):
-            if not isinstance(item, str):
-                raise ApiError(400, "invalid_datatype", f"BYTES item {i} must be a base64 string")
-            blobs.append(decode_base64(item, i))
-        return blobs  # decoded by the caller (async)
-    raise ApiError(
-        400, "invalid_datatype", f"datatype {tensor.datatype} is not supported; send FP32 [N, C, H, W] or BYTES [N]"
+def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body without its Content-Encoding (tritonclient's request compression), still within `limit` bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ApiError(
+            415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported; use gzip or deflate"
+        )
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ApiError(400, "invalid_encoding", f"the body is not valid {encoding}: {e}") from None
+    if len(out) > limit:
+        raise ApiError(413, "payload_too_large", f"the body decompresses to over the limit of {limit:,} bytes")
+    if not inflater.eof:
+        raise ApiError(400, "invalid_encoding", f"the {encoding} body is truncated")
+    return out
+
+
+def _parse(body: bytes, header_length: int | None) -> tuple[InferRequest, list[InputTensor]]:
+    """The request's JSON, and its inputs with their raw bytes when they come after the JSON."""
+    if header_length is not None and header_length > len(body):
+        raise ApiError(
+            400, "invalid_binary", f"Inference-Header-Content-Length is {header_length}; the body has {len(body)} bytes"
+        )
+    header, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+    try:
+        req = InferRequest.model_validate(json.loads(header))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ApiError(
+            400, "invalid_request", f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
+        ) from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep to parse
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    inputs, at = [], 0
+    for t in req.inputs:
+        parameters = t.parameters or {}
+        size = parameters.get("binary_data_size")
+        raw = None
+        if size is not None:
+            if header_length is None:
+                raise ApiError(
+                    400,
+                    "invalid_binary",
+                    f"input {t.name!r} has binary_data_size but no Inference-Header-Content-Length",
+                )
+            if t.data is not None:
+                raise ApiError(400, "invalid_binary", f"input {t.name!r} has both data and binary_data_size")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary) - at:
+                raise ApiError(
+                    400,
+                    "invalid_binary",
+                    f"input {t.name!r}: binary_data_size {size!r} is not a byte count within the "
+                    f"{len(binary) - at} bytes of binary data left",
+                )
+            raw, at = binary[at : at + size], at + size
+        elif t.data is None:
+            raise ApiError(400, "invalid_input", f"input {t.name!r} has neither data nor binary_data_size")
+        inputs.append(InputTensor(t.name, t.datatype, t.shape, parameters, t.data, raw))
+    if at != len(binary):
+        raise ApiError(400, "invalid_binary", f"{len(binary) - at} bytes of binary data belong to no input")
+    return req, inputs
+
+
+def _binary_outputs(req: InferRequest) -> tuple[dict[str, bool], bool]:
+    """Which requested outputs go back raw, and whether the others do (`binary_data_output`, default false)."""
+
+    def flag(parameters: dict | None, key: str, default: bool) -> bool:
+        value = (parameters or {}).get(key, default)
+        if not isinstance(value, bool):
+            raise ApiError(400, "invalid_parameter", f"parameter {key!r} must be true or false, got {value!r}")
+        return value
+
+    default = flag(req.parameters, "binary_data_output", False)
+    return {o.name: flag(o.parameters, "binary_data", default) for o in req.outputs or []}, default
+
+
+def _answer(request_id: str, version: str, outputs: list[OutputTensor], binary: list[bool]) -> Response:
+    body = {"model_name": MODEL_NAME, "model_version": version, "id": request_id, "outputs": []}
+    raws = []
+    for output, raw in zip(outputs, binary, strict=True):
+        tensor = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        if raw:
+            raws.append(output.raw())
+            tensor["parameters"] = {"binary_data_size": len(raws[-1])}
+        else:
+            tensor["data"] = output.data()
+        body["outputs"].append(tensor)
+    if not raws:
+        return JSONResponse(body)
+    header = json.dumps(body, separators=(",", ":")).encode()
+    return Response(
+        header + b"".join(raws),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
     )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from service.imaging import SUPPORTED_TYPES
 
@@ -56,6 +56,19 @@ class ClassifyResponse(BaseModel):
     timings_ms: Timings
 
 
+def _option_schema(description: str, *, auto: bool = False) -> dict:
+    """An integer option of the JSON body: a JSON integer, or a string of ASCII digits ('auto' too for depth)."""
+    return {
+        "anyOf": [
+            {"type": "integer", "minimum": 1},
+            {"type": "string", "pattern": "^([0-9]+|auto)$" if auto else "^[0-9]+$"},
+            {"type": "null"},
+        ],
+        "default": None,
+        "description": description,
+    }
+
+
 class ClassifyJSON(BaseModel):
     """JSON body of POST /classify: one base64 image or several."""
 
@@ -63,9 +76,11 @@ class ClassifyJSON(BaseModel):
     images: list[str] | None = Field(
         None, description="several base64-encoded images", examples=[[EXAMPLE_PNG_BASE64, EXAMPLE_PNG_BASE64]]
     )
-    top_k: int | None = Field(None, ge=1)
-    depth: int | Literal["auto"] | None = None
-    max_depth: int | None = Field(None, ge=1)
+    # Kept as sent and checked by service.uploads.parse_top_k / parse_depth, the same checks as the query string's:
+    # a JSON integer or a string of ASCII digits. A float (2.0 or 2.7) or a bool is refused (422), never truncated.
+    top_k: Annotated[Any, WithJsonSchema(_option_schema("classes to return, 1..number of classes"))] = None
+    depth: Annotated[Any, WithJsonSchema(_option_schema("'auto' or a fixed depth in 1..D_max", auto=True))] = None
+    max_depth: Annotated[Any, WithJsonSchema(_option_schema("cap on the automatic depth, 1..D_max"))] = None
 
 
 class DepthTable(BaseModel):
@@ -119,6 +134,12 @@ class OipReady(BaseModel):
 class OipModelReady(BaseModel):
     name: str
     ready: bool
+
+
+class OipServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
 
 
 class OipTensorMetadata(BaseModel):

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="the Open Inference Protocol's gRPC service (inference.GRPCInferenceService; 8001 as Triton's); 0 = off",
+    )
     backend: Literal["torch", "onnx"] = Field("torch", description="torch, or onnx (onnxruntime, one graph per depth)")
     onnx_dir: Path | None = Field(
         None, description="a pre-built export (puppet-cnn export-onnx); refused if stale or corrupt"
@@ -43,7 +49,33 @@ class Settings(BaseSettings):
         2000.0, gt=0, description="admitted only if it can finish by then (else 429); one that cannot even alone: 504"
     )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
-    max_pixels: int = Field(40_000_000, ge=1, description="width x height above which an image is refused unread")
+    max_pixels: int = Field(
+        16_000_000,
+        ge=1,
+        description=(
+            "width x height above which an image is refused from its header, unread (413). The model sees 28x28; "
+            "16 M takes any 12 MP phone photo (4032x3024 = 12.2 M) and 16 MP camera, and bounds one decode: at "
+            "most about 1 s and 250 MB in the worst shape and format (a 1x16,000,000 PNG, lossless WebP)"
+        ),
+    )
+    max_request_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description=(
+            "the sum of width x height over one request's images, checked from all their headers before any is "
+            "decoded (413): two 12 MP photos, or 64 images of 600x600; bounds one request's decoding time "
+            "within its deadline"
+        ),
+    )
+    max_concurrent_decodes: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "images over a few hundred thousand pixels decoded at once in a worker process (off the event loop, "
+            "in threads); more wait their turn. Bounds decoding memory: about 250 MB each at the pixel limit"
+        ),
+    )
     max_images_per_request: int = Field(64, ge=1)
     default_top_k: int = Field(5, ge=1)
     kernel_cache: bool = Field(True, description="generate kernels once; off regenerates them per batch")
@@ -75,6 +107,20 @@ class Settings(BaseSettings):
         if v != "auto" and v != "cpu" and not v.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _pixel_limits(self) -> Settings:
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels:,}) must be at least max_pixels ({self.max_pixels:,})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_port_each(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"port and grpc_port are both {self.port}: HTTP and gRPC need one each (grpc_port 0: off)")
+        return self
 
     @model_validator(mode="after")
     def _checkpoint_exists(self) -> Settings:

@@ -50,9 +50,13 @@ def _access_pids(output: str) -> set[int]:
 
 
 def _wait_until_loaded(s: LiveServer, n: int) -> None:
-    """Readiness answers once one worker is up; wait until `n` have logged that their model is loaded."""
+    """Readiness answers once one worker is up; wait until `n` have logged that their model is loaded and listen
+    (a worker logs 'loaded' before it starts its gRPC service, then listens for HTTP)."""
     deadline = time.monotonic() + 60
-    while len({line.split('"pid":')[1].split(",")[0] for line in s.output().splitlines() if "loaded on" in line}) < n:
+    while True:
+        pids = {int(line.split('"pid":')[1].split(",")[0]) for line in s.output().splitlines() if "loaded on" in line}
+        if len(pids) >= n and all(_listens(pid, s.port) for pid in pids):
+            return
         assert time.monotonic() < deadline, "the workers did not all start"
         time.sleep(0.1)
 
