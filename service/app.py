@@ -136,7 +136,7 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         path = scope["path"]
         start = time.perf_counter()
-        started_token = _STARTED.set(start)
+        started_token = REQUEST_STARTED.set(start)
         request_id, coding = _scan_headers(scope)
         fields = {"request_id": request_id, "method": scope["method"], "path": path}
         token = REQUEST_FIELDS.set(fields)
@@ -209,7 +209,7 @@ class MetricsMiddleware:
             self.state.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             REQUEST_FIELDS.reset(token)
-            _STARTED.reset(started_token)
+            REQUEST_STARTED.reset(started_token)
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             duration = time.perf_counter() - start
@@ -232,13 +232,15 @@ def _refusal(path: str, status: int, code: str, message: str, headers: dict[str,
     return error_response(status, code, message, headers)
 
 
-_STARTED: ContextVar[float | None] = ContextVar("puppet_request_started", default=None)
+# When the service began handling the current request or call (time.perf_counter()): set by the HTTP middleware
+# and by the gRPC service (service/grpc_server.py)
+REQUEST_STARTED: ContextVar[float | None] = ContextVar("puppet_request_started", default=None)
 
 
 def request_started() -> float:
     """When the service began handling the current request (time.perf_counter()): its deadline counts from
     here, so time spent reading the body and decoding counts too."""
-    started = _STARTED.get()
+    started = REQUEST_STARTED.get()
     return time.perf_counter() if started is None else started
 
 
@@ -248,10 +250,19 @@ def _scan_headers(scope) -> tuple[str, str | None]:
     request_id = coding = None
     for k, v in scope["headers"]:
         if k == b"x-request-id" and request_id is None:
-            request_id = v.decode("ascii") if 0 < len(v) <= 128 and all(33 <= c < 127 for c in v) else ""
+            request_id = v.decode("ascii") if sane_request_id(v) else ""
         elif k == b"transfer-encoding" and v.strip().lower() != b"chunked":
             coding = v.decode("latin-1")
-    return request_id or f"{_ID_PREFIX}-{next(_ID_COUNTER):x}", coding
+    return request_id or new_request_id(), coding
+
+
+def sane_request_id(value: bytes) -> bool:
+    """A caller's request id is kept (logged and echoed) when it is a short printable ASCII token."""
+    return 0 < len(value) <= 128 and all(33 <= c < 127 for c in value)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
 
 
 # generated ids: a random per-process prefix and a counter (uuid4 on every request costs a syscall)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import os
 import struct
@@ -27,7 +26,7 @@ import uuid
 from google.protobuf import unknown_fields
 
 from service import metrics
-from service.app import _STARTED, ServiceState, StartupFailed
+from service.app import REQUEST_STARTED, ServiceState, StartupFailed, new_request_id, sane_request_id
 from service.errors import ApiError
 from service.logs import REQUEST_FIELDS, access_line
 from service.oip_tensors import (
@@ -63,7 +62,6 @@ CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-_ID_PREFIX, _ID_COUNTER = uuid.uuid4().hex[:12], itertools.count(1)
 
 
 def grpc_code(status: int) -> grpc.StatusCode:
@@ -80,7 +78,7 @@ def _rpc(method):
     @functools.wraps(method)
     async def handler(self: InferenceService, request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        started_token = _STARTED.set(start)
+        started_token = REQUEST_STARTED.set(start)
         request_id = _request_id(context)
         fields = {"request_id": request_id, "method": "gRPC", "path": route}
         fields_token = REQUEST_FIELDS.set(fields)
@@ -114,7 +112,7 @@ def _rpc(method):
             self.state.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             REQUEST_FIELDS.reset(fields_token)
-            _STARTED.reset(started_token)
+            REQUEST_STARTED.reset(started_token)
             duration = time.perf_counter() - start
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_DURATION.labels(route).observe(duration)
@@ -130,10 +128,10 @@ def _rpc(method):
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
-            if isinstance(value, str) and 0 < len(value) <= 128 and all(33 <= ord(c) < 127 for c in value):
+            if isinstance(value, str) and value.isascii() and sane_request_id(value.encode()):
                 return value
             break
-    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+    return new_request_id()
 
 
 def _value(parameter: pb.InferParameter):
