@@ -17,7 +17,7 @@ from PIL import Image
 MAX_ENTRIES = 512  # entries of the first IFD examined; cameras write tens
 ORIENTATION_TAG = 0x0112
 _SHORT = 3
-_TRANSPOSE = {
+TRANSPOSE = {  # orientation -> the turn that makes the image upright
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -68,5 +68,5 @@ def orientation(im: Image.Image) -> int:
 
 def upright(im: Image.Image) -> Image.Image:
     """The image turned as its orientation says (a loaded image; PNG keeps EXIF after the pixels)."""
-    op = _TRANSPOSE.get(orientation(im))
+    op = TRANSPOSE.get(orientation(im))
     return im if op is None else im.transpose(op)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
+import re
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -30,38 +30,94 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def parse_depth(value: str | int | None, max_depth: int, name: str = "depth") -> int | None:
+def parse_depth(value: object, max_depth: int, name: str = "depth") -> int | None:
+    """`auto` (None) or a depth in 1..max_depth, from a JSON integer or a string of ASCII digits; 422 otherwise
+    (a float, a bool, '2.0', '+2', ' 2', a non-ASCII digit such as '２')."""
     if value is None or value == "auto":
         return None
-    try:
-        d = int(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON Infinity
-        raise ApiError(
-            422, "invalid_option", f"{name} must be 'auto' or an integer in 1..{max_depth}, got {value!r}"
-        ) from None
-    if not 1 <= d <= max_depth:
-        raise ApiError(422, "invalid_option", f"{name} must be in 1..{max_depth}, got {d}")
-    return d
+    return _option_int(value, name, max_depth, f"'auto' or an integer in 1..{max_depth}")
 
 
-def parse_top_k(value: str | int | None, default: int, num_classes: int) -> int:
+def parse_top_k(value: object, default: int, num_classes: int) -> int:
+    """top_k in 1..num_classes, from a JSON integer or a string of ASCII digits; 422 otherwise."""
     if value is None:
         return min(default, num_classes)
-    try:
-        k = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ApiError(422, "invalid_option", f"top_k must be an integer in 1..{num_classes}, got {value!r}") from None
-    if not 1 <= k <= num_classes:
-        raise ApiError(422, "invalid_option", f"top_k must be in 1..{num_classes}, got {k}")
-    return k
+    return _option_int(value, "top_k", num_classes, f"an integer in 1..{num_classes}")
+
+
+def _option_int(value: object, name: str, top: int, accepted: str) -> int:
+    """An option's integer value: an int (not a bool), or a string of ASCII digits only."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > 18:  # int() of thousands of digits is slow, and it is out of range anyway
+            raise ApiError(422, "invalid_option", f"{name} must be in 1..{top}, got {_shown(value)}")
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(
+            422,
+            "invalid_option",
+            f"{name} must be {accepted}, as a JSON integer or a string of ASCII digits 0-9, got {_shown(value)}",
+        )
+    if not 1 <= value <= top:
+        raise ApiError(422, "invalid_option", f"{name} must be in 1..{top}, got {value}")
+    return value
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_WHITESPACE = b" \t\n\r\v\f"
+_URL_SAFE = bytes.maketrans(b"-_", b"+/")
+_DATA_URL = re.compile(r"data:([^,]*);base64,", re.IGNORECASE)
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
 
 
 def decode_base64(text: str, i: int) -> bytes:
-    """One base64-encoded image (the i-th of the request) to its bytes; 400 invalid_base64 otherwise."""
-    try:
-        return base64.b64decode(text, validate=True)
+    """One base64-encoded image (the i-th of the request) to its bytes; 400 invalid_base64 otherwise.
+
+    Accepts what people's tools write: line breaks and other ASCII whitespace anywhere (coreutils `base64`
+    wraps at 76 columns), the URL-safe alphabet (- and _), missing `=` padding, and a `data:<type>;base64,`
+    prefix (a browser's readAsDataURL). Anything else outside the alphabet is refused."""
+    try:  # the common case, strict and fast
+        return binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError, TypeError):
-        raise ApiError(400, "invalid_base64", f"image {i} is not valid base64") from None
+        pass
+    if not isinstance(text, str):
+        raise ApiError(400, "invalid_base64", f"image {i} must be a base64 string")
+    body = text.strip()
+    if body[:5].lower() == "data:":
+        url = _DATA_URL.match(body)
+        if url is None:
+            raise ApiError(
+                400, "invalid_base64", f"image {i} is a data URL without ';base64,': send the image base64-encoded"
+            )
+        body = body[url.end() :]
+    try:
+        data = body.encode("ascii")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400, "invalid_base64", f"image {i} is not valid base64: {body[e.start]!r} is not a base64 character"
+        ) from None
+    data = data.translate(None, _WHITESPACE)
+    if b"-" in data or b"_" in data:
+        if b"+" in data or b"/" in data:
+            raise ApiError(
+                400,
+                "invalid_base64",
+                f"image {i} is not valid base64: it mixes the standard (+/) and URL-safe (-_) alphabets",
+            )
+        data = data.translate(_URL_SAFE)
+    if bad := _NOT_BASE64.search(data):
+        raise ApiError(
+            400, "invalid_base64", f"image {i} is not valid base64: {chr(bad[0][0])!r} is not a base64 character"
+        )
+    if not data.endswith(b"="):
+        data += b"=" * (-len(data) % 4)
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, "invalid_base64", f"image {i} is not valid base64: {e}") from None
 
 
 async def images_and_options(request: Request, limit: int, max_images: int) -> tuple[list[bytes], dict]:

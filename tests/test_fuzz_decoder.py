@@ -25,7 +25,7 @@ from PIL import Image
 from conftest import REPO
 from model import Preprocessing
 from model.checkpoint import read_metadata
-from service.imaging import ImageError, decode
+from service.imaging import ImageError, decode, decode_opened, open_image
 from service.settings import Settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow, on mangled EXIF
@@ -241,3 +241,33 @@ def test_huge_declared_size_is_refused_from_the_header(fmt):
     with pytest.raises(ImageError) as e:
         decode(data, SERVED, max_pixels=MAX_PIXELS)
     assert e.value.status == 413 and e.value.code == "too_many_pixels"
+
+
+_MODES = ["1", "L", "LA", "P", "P-transparent", "RGB", "RGBA", "I;16", "CMYK"]
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.integers(1, 700),
+    height=st.integers(1, 700),
+    mode=st.sampled_from(_MODES),
+    fmt=st.sampled_from(["PNG", "JPEG", "WEBP", "GIF", "BMP"]),
+    rgb=st.booleans(),
+)
+def test_any_size_and_mode_decodes_in_two_steps(width, height, mode, fmt, rgb):
+    """Header first (the declared size, counted by the budgets), then a decode that takes any size and mode
+    (past the sizes where JPEG decodes reduced and large images are resampled before their mode converts) to
+    the input shape, and consumes the opened image."""
+    base = mode.split("-")[0]
+    im = Image.new(base, (width, height), 200 if base in ("L", "P", "1") else 0)
+    kw = {"transparency": 0} if mode == "P-transparent" else {}
+    try:
+        data = _encode(im, fmt, **kw)
+    except (OSError, ValueError):  # a mode this format cannot store: the nearest one it can
+        data = _encode(im.convert("RGBA" if "A" in base and fmt != "JPEG" else "RGB"), fmt)
+    opened = open_image(data, max_pixels=MAX_PIXELS)
+    assert (opened.width, opened.height) == (width, height)
+    pre = RGB if rgb else SERVED
+    out = decode_opened(opened, pre)
+    assert out.dtype == torch.uint8 and tuple(out.shape) == (pre.channels, pre.image_size, pre.image_size)
+    assert opened.image is None

@@ -304,18 +304,17 @@ def test_plain_chunked_uploads_still_work(server, png):
     assert status == 200, body
 
 
-def test_an_exif_flood_stays_a_few_json_log_lines(server):
+def test_an_exif_flood_costs_nothing_and_logs_nothing(server, png):
+    """Pillow's full EXIF parse took 60 ms and raised 17,600 warnings for this 240 KB upload; only the orientation
+    is read now, with bounded work (service/exif.py), so its only log line is its access line."""
     data = exif_flood_png()
     mark = len(server.output())
     for _ in range(3):
         r = httpx.post(server.url + "/classify", content=data, headers={"Content-Type": "image/png"}, timeout=30)
         assert r.status_code == 200, r.text
     time.sleep(0.2)
-    lines = server.output()[mark:].splitlines()
-    records = [json.loads(line) for line in lines]  # every line is one JSON object
-    warned = [r for r in records if r["logger"] == "py.warnings"]
-    assert 1 <= len(warned) <= 12, len(warned)  # 10 a minute per warning site, the next one says how many dropped
-    assert len(lines) < 40
+    records = [json.loads(line) for line in server.output()[mark:].splitlines()]
+    assert [x["logger"] for x in records] == ["puppet.access"] * 3
 
 
 def test_every_log_line_is_json_and_nothing_was_a_server_error(server):

@@ -1,0 +1,354 @@
+"""The pixel budget against a real server (issue 12): the worst uploads the limits allow may not stall the
+event loop or grow the worker's memory, and anything over the limits is refused from its headers.
+
+One server per environment: `puppet-cnn serve` as tests/live_server.py starts it (one worker), and the same
+with the environment the Makefile's `serve` target sets (SERVE_ENV, read from the Makefile: glibc keeps up to
+256 MB at the top of each heap there). While the worst allowed images are classified, alone and several at
+once, two threads poll /health/live and /health/ready on their own connections and a third samples the
+server's resident memory (/proc/<pid>/status):
+
+- every health answer within 100 ms;
+- resident memory under 1 GB throughout, and back within 10% of its warm baseline afterwards;
+- over the limits: 413 `too_many_pixels`, naming the image(s) and the numbers, in the time it takes to read
+  the headers (no decode: memory does not move).
+
+The worst allowed images, at the default limits (16 M pixels per image, 25 M per request): a 16-bit RGBA PNG
+as tall as allowed (245 x 65,304; 8 bytes a pixel, one row each 245 pixels), the same 4000 x 4000, a 16-bit
+greyscale PNG (the 6324 x 6324 attack, at the limit), a palette PNG with transparency (expanded to RGBA), a
+lossless WebP (libwebp decodes into two full-size canvases), a 4000 x 4000 progressive JPEG of noise whose
+largest scan is repeated up to the scan limit (libjpeg passes over the image once per scan), and a request of
+two PNGs holding the per-request maximum, in base64 JSON.
+Figures are printed per environment (pytest -s).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from live_server import LiveServer
+from PIL import Image
+
+from conftest import REPO
+from model import load_dataset
+from model.data import encode_png
+from service.imaging import MAX_JPEG_SCANS, MAX_SIDE
+from service.settings import Settings
+
+MAX_PIXELS = Settings.model_fields["max_pixels"].default
+MAX_REQUEST_PIXELS = Settings.model_fields["max_request_pixels"].default
+HEALTH_BOUND_S = 0.100
+RSS_BOUND = 1_000_000_000
+RSS_RETURN = 1.10  # within 10% of the warm baseline
+
+
+def _serve_env() -> dict[str, str]:
+    """SERVE_ENV of the Makefile's `serve` target, as a dict."""
+    with open(os.path.join(REPO, "Makefile")) as f:
+        line = re.search(r"^SERVE_ENV\s*:=\s*(.+)$", f.read(), re.MULTILINE)
+    assert line, "the Makefile has no SERVE_ENV"
+    return dict(item.split("=", 1) for item in line.group(1).split())
+
+
+ENVIRONMENTS = {"default": {}, "make-serve": _serve_env()}
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def zero_png(width: int, height: int, color_type: int, bit_depth: int) -> bytes:
+    """A real PNG of zeros (valid, and as cheap to send as possible), written with zlib so any bit depth and
+    colour type can be made in a fraction of a second. Colour type 3 gets a one-entry palette, transparent."""
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
+    row = 1 + (width * channels * bit_depth + 7) // 8
+    rows_per_block = max(1, (4 << 20) // row)
+    deflate, parts, left = zlib.compressobj(9), [], height
+    while left:
+        n = min(rows_per_block, left)
+        parts.append(deflate.compress(bytes(row * n)))
+        left -= n
+    parts.append(deflate.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    palette = _chunk(b"PLTE", b"\0\0\0") + _chunk(b"tRNS", b"\0") if color_type == 3 else b""
+    idat = _chunk(b"IDAT", b"".join(parts))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + palette + idat + _chunk(b"IEND", b"")
+
+
+def _scans(jpeg: bytes) -> list[tuple[int, int]]:
+    """Where each scan of a JPEG lies (its SOS segment and entropy-coded data)."""
+    at, out = 2, []
+    while at < len(jpeg) and jpeg[at + 1] != 0xD9:
+        end = at + 2 + struct.unpack(">H", jpeg[at + 2 : at + 4])[0]
+        if jpeg[at + 1] == 0xDA:  # entropy-coded data runs to the next marker other than RSTn or a stuffed 0xFF
+            while jpeg[(end := jpeg.index(b"\xff", end)) + 1] == 0 or 0xD0 <= jpeg[end + 1] <= 0xD7:
+                end += 2
+            out.append((at, end))
+        at = end
+    return out
+
+
+def worst_jpeg(side: int) -> bytes:
+    """The most expensive JPEG found within the limits: progressive, of noise, one of its scans repeated up to
+    MAX_JPEG_SCANS scans or the byte limit (libjpeg makes a pass over the image per scan)."""
+    noise = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(noise), "JPEG", progressive=True, quality=30)
+    scans, room = _scans(data), Settings.model_fields["max_upload_bytes"].default * 0.95 - len(data)
+
+    def copies(scan: tuple[int, int]) -> int:
+        return int(min(MAX_JPEG_SCANS - len(scans), room // (scan[1] - scan[0])))
+
+    # the scan whose copies fill the most bytes: of each scan repeated, this decoded slowest (0.5 s, 2 cores)
+    start, end = max(scans, key=lambda scan: copies(scan) * (scan[1] - scan[0]))
+    return data[: scans[-1][1]] + data[start:end] * copies((start, end)) + data[scans[-1][1] :]
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+class Upload:
+    def __init__(self, name: str, body: bytes, content_type: str, pixels: int, dimensions: str = ""):
+        self.name, self.body, self.content_type, self.pixels = name, body, content_type, pixels
+        self.dimensions = dimensions
+
+
+def _json(name: str, images: list[bytes], pixels: int) -> Upload:
+    body = json.dumps({"images": [base64.b64encode(i).decode() for i in images]}).encode()
+    return Upload(name, body, "application/json", pixels)
+
+
+@pytest.fixture(scope="module")
+def worst() -> list[Upload]:
+    """The worst uploads the default limits allow, each at (or, for two, summing to) the pixel limits."""
+    tall_w = -(-MAX_PIXELS // MAX_SIDE)  # the narrowest image at the pixel limit within the side limit
+    tall_h = MAX_PIXELS // tall_w
+    side = int(MAX_PIXELS**0.5)
+    rest = MAX_REQUEST_PIXELS - tall_w * tall_h  # a second image filling the request's budget
+    rest_w = -(-rest // MAX_SIDE)
+    uploads = [
+        Upload("png-rgba16-tall", zero_png(tall_w, tall_h, 6, 16), "image/png", tall_w * tall_h, f"{tall_w}x{tall_h}"),
+        Upload("png-rgba16-square", zero_png(side, side, 6, 16), "image/png", side * side),
+        Upload("png-grey16-square", zero_png(side, side, 0, 16), "image/png", side * side),
+        Upload("png-palette-transparent", zero_png(side, side, 3, 8), "image/png", side * side),
+        Upload(
+            "webp-lossless-rgba",
+            _encode(Image.new("RGBA", (side, side), (9, 99, 199, 5)), "WEBP", lossless=True),
+            "image/webp",
+            side * side,
+        ),
+        Upload(f"jpeg-{MAX_JPEG_SCANS}-scans", worst_jpeg(side), "image/jpeg", side * side),
+        _json(
+            "json-request-maximum",
+            [zero_png(tall_w, tall_h, 6, 16), zero_png(rest_w, rest // rest_w, 6, 8)],
+            tall_w * tall_h + rest_w * (rest // rest_w),
+        ),
+    ]
+    assert all(u.pixels <= MAX_REQUEST_PIXELS for u in uploads)
+    assert max(u.pixels for u in uploads) > 0.99 * MAX_REQUEST_PIXELS
+    assert all(len(u.body) < Settings.model_fields["max_upload_bytes"].default for u in uploads)
+    return uploads
+
+
+@pytest.fixture(scope="module")
+def sample_png() -> bytes:
+    return encode_png(load_dataset("fashion-mnist", "test").images[0])
+
+
+@pytest.fixture(scope="module", params=list(ENVIRONMENTS), ids=list(ENVIRONMENTS))
+def server(request, sample_png):
+    s = LiveServer(env=ENVIRONMENTS[request.param])
+    s.env_name = request.param
+    # warm: every format's plugin imported, the decoding threads started, a batch run
+    for body, kind in [
+        (sample_png, "image/png"),
+        (_encode(Image.new("RGB", (1024, 1024), (1, 2, 3)), "JPEG"), "image/jpeg"),
+        (_encode(Image.new("RGBA", (600, 600), (1, 2, 3, 4)), "WEBP"), "image/webp"),
+        (zero_png(1024, 1024, 6, 16), "image/png"),
+    ] * 2:
+        r = httpx.post(s.url + "/classify", content=body, headers={"Content-Type": kind}, timeout=30)
+        assert r.status_code == 200, r.text
+    yield s
+    s.stop()
+
+
+# The health probes run in a process of their own, as a kubelet's do: the test's own threads (uploading tens of
+# MB) would otherwise hold this interpreter's lock and slow the probes' own bookkeeping, not the server's answers.
+PROBE = """
+import sys, threading, time, json, httpx
+url, stop, out = sys.argv[1], threading.Event(), {"live": [], "ready": [], "failures": []}
+def poll(which):
+    with httpx.Client(timeout=5) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                status = client.get(f"{url}/health/{which}").status_code
+            except httpx.TransportError as e:
+                status = type(e).__name__
+            out[which].append(time.perf_counter() - t0)
+            if status != 200:
+                out["failures"].append([which, status])
+            stop.wait(0.01)
+threads = [threading.Thread(target=poll, args=(w,)) for w in ("live", "ready")]
+for t in threads:
+    t.start()
+print("polling", flush=True)
+sys.stdin.read()  # until the test closes it
+stop.set()
+for t in threads:
+    t.join()
+print(json.dumps(out), flush=True)
+"""
+
+
+class Monitor:
+    """Polls /health/live and /health/ready concurrently (a process of its own, one connection each, every
+    10 ms) and samples the server's RSS every 10 ms; keeps every latency, failure and sample."""
+
+    def __init__(self, server: LiveServer):
+        self.server, self.latency, self.failures, self.rss = server, {}, [], []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.rss.append(self.server.process_stats()["rss"])
+            self._stop.wait(0.01)
+
+    @property
+    def slowest(self) -> float:
+        return max(max(t) for t in self.latency.values())
+
+    @property
+    def answers(self) -> int:
+        return sum(map(len, self.latency.values()))
+
+    def __enter__(self):
+        self._probe = subprocess.Popen(
+            [sys.executable, "-c", PROBE, self.server.url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._probe.stdout.readline().strip() == "polling"
+        self._sampler.start()
+        time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.05)
+        self._stop.set()
+        self._sampler.join()
+        out, _ = self._probe.communicate("", timeout=30)
+        result = json.loads(out)
+        self.failures = result.pop("failures")
+        self.latency = result
+
+
+def _rss(server: LiveServer) -> int:
+    return server.process_stats()["rss"]
+
+
+def _baseline(server: LiveServer) -> int:
+    samples = []
+    for _ in range(5):
+        samples.append(_rss(server))
+        time.sleep(0.05)
+    return int(statistics.median(samples))
+
+
+def _post(server: LiveServer, upload: Upload, client: httpx.Client | None = None) -> tuple[httpx.Response, float]:
+    t0 = time.perf_counter()
+    r = (client or httpx).post(
+        server.url + "/classify", content=upload.body, headers={"Content-Type": upload.content_type}, timeout=60
+    )
+    return r, time.perf_counter() - t0
+
+
+def _settle(server: LiveServer, target: int, within_s: float = 5.0) -> int:
+    """The RSS once it is at or below `target`, or after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while (rss := _rss(server)) > target and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rss
+
+
+def test_worst_allowed_uploads_keep_health_fast_and_memory_bounded(server, worst):
+    mb = 1 << 20
+    baseline = _baseline(server)
+    figures = []
+    with Monitor(server) as monitor:
+        for upload in worst:  # one at a time
+            start = len(monitor.rss)
+            r, elapsed = _post(server, upload)
+            assert r.status_code == 200, (upload.name, r.text)
+            assert len(r.json()["results"]) == (2 if upload.content_type == "application/json" else 1)
+            figures.append((upload.name, elapsed, max(monitor.rss[start:] or [0]), _rss(server)))
+        start = len(monitor.rss)
+        with cf.ThreadPoolExecutor(len(worst)) as pool:  # all at once
+            answers = list(pool.map(lambda u: _post(server, u), worst))
+        # admission may refuse what can no longer finish within the deadline; nothing else
+        assert all(r.status_code in (200, 429, 504) for r, _ in answers), [r.text for r, _ in answers]
+        assert any(r.status_code == 200 for r, _ in answers)
+        concurrent_peak = max(monitor.rss[start:])
+    after = _settle(server, int(baseline * RSS_RETURN))
+    print(f"\n[{server.env_name}] warm RSS {baseline / mb:.0f} MB")
+    for name, elapsed, peak, rss in figures:
+        print(f"  {name:<26} {elapsed * 1000:6.0f} ms  peak RSS {peak / mb:5.0f} MB  after {rss / mb:5.0f} MB")
+    statuses = [r.status_code for r, _ in answers]
+    print(
+        f"  all {len(worst)} at once: {statuses}, {max(e for _, e in answers) * 1000:.0f} ms, peak RSS {concurrent_peak / mb:.0f} MB"
+    )
+    print(
+        f"  health: slowest {monitor.slowest * 1000:.1f} ms over {monitor.answers} answers; "
+        f"RSS peak {max(monitor.rss) / mb:.0f} MB, settled {after / mb:.0f} MB"
+    )
+    assert not monitor.failures, monitor.failures[:5]
+    assert monitor.slowest < HEALTH_BOUND_S, f"a health check took {monitor.slowest * 1000:.0f} ms"
+    assert max(monitor.rss) < RSS_BOUND, f"RSS peaked at {max(monitor.rss) / mb:.0f} MB"
+    assert after <= baseline * RSS_RETURN, f"RSS {after / mb:.0f} MB after, against {baseline / mb:.0f} MB warm"
+
+
+def test_over_the_limits_is_413_from_the_headers(server, worst):
+    side = int(MAX_PIXELS**0.5)
+    tall = zero_png(1, 40_000_000, 0, 8)  # the attack: four of these in one 415 KB JSON request
+    dims, pixels = worst[0].dimensions, worst[0].pixels
+    over_request = [f"image 0: {dims}", f"image 1: {dims}", f"{2 * pixels:,}", f"{MAX_REQUEST_PIXELS:,}"]
+    progressive = _encode(Image.new("RGB", (side, side), (9, 99, 199)), "JPEG", progressive=True)
+    last_scan, end = _scans(progressive)[-1]
+    scan_bomb = progressive[:end] + progressive[last_scan:end] * 20_000 + progressive[end:]  # 199 s to decode
+    cases = [
+        (Upload("one-pixel-over", zero_png(side + 1, MAX_PIXELS // side, 0, 8), "image/png", 0), None),
+        (_json("attack-4x-1x40M", [tall] * 4, 0), ["image 0:", "1x40000000", "40,000,000", f"{MAX_PIXELS:,}"]),
+        (_json("request-over", [worst[0].body, worst[0].body], 0), over_request),
+        (Upload("side-over", zero_png(1, MAX_SIDE + 1, 0, 8), "image/png", 0), [f"1x{MAX_SIDE + 1}", f"{MAX_SIDE:,}"]),
+        (Upload("jpeg-scan-bomb", scan_bomb, "image/jpeg", 0), [f"{len(_scans(scan_bomb)):,} scans"]),
+    ]
+    allowed = _post(server, worst[1])[1]  # the time to decode an allowed image of this size
+    baseline = _baseline(server)
+    mb = 1 << 20
+    with Monitor(server) as monitor, httpx.Client() as client:
+        for upload, words in cases:
+            r, elapsed = _post(server, upload, client)
+            assert r.status_code == 413, (upload.name, r.text)
+            error = r.json()["error"]
+            assert error["code"] == ("too_many_scans" if "scan" in upload.name else "too_many_pixels"), error
+            for word in words or [f"{(side + 1) * (MAX_PIXELS // side):,}", f"{MAX_PIXELS:,}"]:
+                assert word in error["message"], (word, error["message"])
+            print(f"\n[{server.env_name}] {upload.name}: 413 in {elapsed * 1000:.0f} ms ({len(upload.body):,} bytes)")
+            assert elapsed < min(0.25, allowed / 2), (upload.name, elapsed, allowed)
+    assert monitor.slowest < HEALTH_BOUND_S
+    assert max(monitor.rss) < baseline + 40 * mb, "nothing was decoded"
