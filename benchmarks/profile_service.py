@@ -30,7 +30,7 @@ STAGES = [
     # py-spy names a frame `function (path:line)`
     ("model", ("onnxruntime", "predict (service/backends.py", "_run (service/backends.py", "puppet.py", "torch/nn/")),
     ("complexity", ("complexity.py", "complexity (service/backends.py")),
-    ("decode", ("imaging.py", "PIL/", "decode_all (service/routes.py")),
+    ("decode", ("imaging.py", "PIL/", "decoding.py")),
     ("body parsing", ("uploads.py", "json/decoder.py", "base64.py", "multipart")),
     ("response encoding", ("top_k (service/routes.py", "json/encoder.py", "render (starlette", "JSONResponse")),
     ("metrics and logging", ("prometheus_client", "logs.py", "logging/")),

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from service.app import ServiceState
+from service.decoding import decode_all
 from service.errors import ApiError
-from service.routes import admission_check, decode_all, infer, model_info
+from service.routes import admission_check, infer, model_info
 from service.uploads import decode_base64, parse_depth
 
 MODEL_NAME = "puppet-cnn"
