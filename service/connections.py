@@ -10,6 +10,11 @@ browser's spare connection: no request was made). The body has its own deadline 
 
 A head is also limited in size (httptools has no limit: an 8 MB header line or 100,000 headers were read in
 full): past `MAX_HEAD_BYTES` the client gets 431 and the connection is closed.
+
+Closing a connection while the client is still sending makes the kernel reset it, and a reset can destroy the
+answer before the client reads it. So every close with input still unread (a refused head; an answer with
+`Connection: close` before the body was read, such as 408) is a lingering close: the sending side closes first,
+and what still arrives is dropped for `LINGER_S`, or until the client closes.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        if self.cycle is not None:  # the request's view of the connection: closing it mid-body lingers
+            self.cycle.transport = _LingeringTransport(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -100,21 +107,44 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         )
 
     def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
-        """Answer a request whose head never completed, log and count it, and close the connection. Closing with
-        unread input makes the kernel reset the connection, which can destroy the answer before the client
-        reads it; so the sending side closes first, and what still arrives is dropped for `LINGER_S`."""
+        """Answer a request whose head never completed, log and count it, and close the connection (lingering)."""
         body = json.dumps({"error": {"code": code, "message": message}}).encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
         )
-        self._discarding = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.loop.call_later(LINGER_S, self.transport.close)
+        self.linger()
         metrics.REJECTIONS.labels(code).inc()
         metrics.REQUESTS.labels("unmatched", str(status)).inc()
         fields = {"route": "unmatched", "status": status, "error": code}
         if self.client:
             fields["client"] = self.client[0]
         access_line(fields, quiet=False)
+
+    def linger(self) -> None:
+        """Close the sending side now, drop what still arrives, and close for good after LINGER_S (or sooner, when
+        the client closes)."""
+        if self._discarding or self.transport.is_closing():
+            return
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+class _LingeringTransport:
+    """The transport as uvicorn's request cycle uses it: `close()` while the request's body is still arriving
+    lingers (HeadDeadlineProtocol.linger); everything else is the transport's own."""
+
+    def __init__(self, protocol: HeadDeadlineProtocol):
+        self._protocol, self._transport = protocol, protocol.transport
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        if cycle is not None and cycle.more_body and not self._transport.is_closing():
+            self._protocol.linger()
+        else:
+            self._transport.close()

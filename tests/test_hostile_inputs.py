@@ -7,6 +7,8 @@ One module-scoped server (read timeout 1 s so the slow cases are quick) runs the
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures as cf
 import io
 import json
 import os
@@ -18,6 +20,7 @@ import zlib
 
 import httpx
 import pytest
+from crafted_images import chunk, exif_flood_png, zero_png
 from live_server import LiveServer
 from PIL import Image
 
@@ -139,19 +142,6 @@ def _moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     return {k: v for k, v in diff.items() if v}
 
 
-def exif_flood_png(tags: int = 20000) -> bytes:
-    """A 28x28 PNG whose EXIF block declares `tags` entries, each pointing past the data: Pillow warns once per
-    tag (17,600 warnings for this one)."""
-    buf = io.BytesIO()
-    Image.new("L", (28, 28), 128).save(buf, "PNG")
-    png = buf.getvalue()
-    entries = b"".join(struct.pack("<HHII", 1000 + i, 7, 100, 8) for i in range(tags))
-    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", tags) + entries + struct.pack("<I", 0)
-    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
-    end = png.rindex(b"IEND") - 4
-    return png[:end] + chunk + png[end:]
-
-
 def test_a_slow_request_head_gets_408_and_is_closed(server):
     before = _requests_total(server)
     with _connect(server) as sock:
@@ -238,6 +228,9 @@ def test_a_body_dripping_byte_by_byte_is_cut_at_the_deadline(server, png):
                 continue
             except (BrokenPipeError, ConnectionResetError):
                 break
+        sock.settimeout(5)
+        while answer and (more := sock.recv(65536)):  # the rest of the answer, until the server closes
+            answer += more
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
         "error": f"the request body did not arrive within {READ_TIMEOUT_S:g} s"
@@ -317,8 +310,200 @@ def test_an_exif_flood_costs_nothing_and_logs_nothing(server, png):
     assert [x["logger"] for x in records] == ["puppet.access"] * 3
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _many_frames_gif(frames: int) -> bytes:
+    first, *rest = [Image.new("L", (64, 64), i % 256) for i in range(frames)]
+    return _encoded(first, "GIF", save_all=True, append_images=rest)
+
+
+def _declared(fmt: str, width: int, height: int) -> bytes:
+    """A tiny file whose header declares a huge bitmap."""
+    if fmt == "BMP":
+        info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+        return b"BM" + struct.pack("<IHHI", 54 + 16, 0, 0, 54) + info + bytes(16)
+    if fmt == "GIF":
+        return b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + b"\x2c" + bytes(9) + b"\x02\x02D\x01\x00;"
+    raise ValueError(fmt)
+
+
+def _png_with_text_bomb() -> bytes:
+    """A PNG with a compressed text chunk that inflates to 64 MB (Pillow stops at 1 MB of text)."""
+    png = zero_png(28, 28, 0, 8)
+    bomb = chunk(b"zTXt", b"comment\0\0" + zlib.compress(bytes(64 << 20), 9))
+    return png[:33] + bomb + png[33:]
+
+
+def _json(payload) -> tuple[dict, bytes]:
+    return {"Content-Type": "application/json"}, json.dumps(payload).encode()
+
+
+def _raw(content_type: str, body: bytes) -> tuple[dict, bytes]:
+    return {"Content-Type": content_type}, body
+
+
+def _v2(datatype: str, shape: list, data: list, **params) -> tuple[dict, bytes]:
+    return _json({"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}], "parameters": params})
+
+
+def _multipart(parts: int, png: bytes) -> tuple[dict, bytes]:
+    boundary = "hostile"
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + png
+        + b"\r\n"
+        for i in range(parts)
+    )
+    return {"Content-Type": f"multipart/form-data; boundary={boundary}"}, body + f"--{boundary}--\r\n".encode()
+
+
+def _tall() -> bytes:
+    return zero_png(1, 40_000_000, 0, 8)  # the attack: 80 KB, 40 M pixels
+
+
+def _wrapped(png: bytes) -> str:
+    return base64.encodebytes(png).decode()  # coreutils' line breaks every 76 characters
+
+
+def _corpus():
+    """(case, path, the request as a function of a real PNG -> (headers, body), the statuses allowed), one request
+    each: decompression shapes, odd encodings, floods in one request. Each must get one of its statuses; none a
+    5xx. Bodies are made when their case runs."""
+    cls, v2 = "/classify", "/v2/models/puppet-cnn/infer"
+    return [
+        # decompression shapes: refused from the header, or decoded within the budget
+        ("png-1x40M", cls, lambda png: _raw("image/png", _tall()), {413}),
+        ("json-4x-png-1x40M", cls, lambda png: _json({"images": [_b64(_tall())] * 4}), {413}),
+        ("png-16bit-6324x6324", cls, lambda png: _raw("image/png", zero_png(6324, 6324, 0, 16)), {413}),
+        ("png-rgba-4000x4000-zeros", cls, lambda png: _raw("image/png", zero_png(4000, 4000, 6, 8)), {200}),
+        ("png-ztxt-inflating-to-64MB", cls, lambda png: _raw("image/png", _png_with_text_bomb()), {200, 400}),
+        ("bmp-declaring-60000x60000", cls, lambda png: _raw("image/bmp", _declared("BMP", 60000, 60000)), {413}),
+        ("gif-declaring-65535x65535", cls, lambda png: _raw("image/gif", _declared("GIF", 65535, 65535)), {413}),
+        ("gif-2000-frames", cls, lambda png: _raw("image/gif", _many_frames_gif(2000)), {200}),
+        ("v2-bytes-png-1x40M", v2, lambda png: _v2("BYTES", [1], [_b64(_tall())]), {413}),
+        # odd encodings
+        ("base64-line-wrapped", cls, lambda png: _json({"image": _wrapped(png)}), {200}),
+        ("base64-crlf-wrapped", cls, lambda png: _json({"image": _wrapped(png).replace("\n", "\r\n")}), {200}),
+        (
+            "base64-url-safe-unpadded",
+            cls,
+            lambda png: _json({"image": base64.urlsafe_b64encode(png).decode().rstrip("=")}),
+            {200},
+        ),
+        ("base64-data-uri", cls, lambda png: _json({"image": "data:image/png;base64," + _b64(png)}), {200}),
+        ("base64-garbage", cls, lambda png: _json({"image": "!!!not base64!!!"}), {400}),
+        ("depth-full-width-digit", cls + "?depth=%EF%BC%92", lambda png: _raw("image/png", png), {422}),
+        ("depth-float-json", cls, lambda png: _json({"image": _b64(png), "depth": 2.7}), {422}),
+        ("depth-plus-sign", cls + "?depth=%2B2", lambda png: _raw("image/png", png), {422}),
+        ("top-k-exponent", cls + "?top_k=1e3", lambda png: _raw("image/png", png), {422}),
+        ("v2-depth-float", v2, lambda png: _v2("BYTES", [1], [_b64(png)], depth=2.7), {422}),
+        ("v2-depth-full-width", v2, lambda png: _v2("BYTES", [1], [_b64(png)], depth="２"), {422}),
+        (
+            "v2-fp32-nan",
+            v2,
+            lambda png: _json(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": ["NaN"] * 784}]}
+            ),
+            {400, 422},
+        ),
+        ("v2-shape-overflow", v2, lambda png: _v2("FP32", [2**62, 1, 28, 28], [0.0]), {400, 413}),
+        (
+            "v2-binary-header-longer-than-body",
+            v2,
+            lambda png: ({"Inference-Header-Content-Length": "100000"}, b"{}"),
+            {400},
+        ),
+        ("json-not-utf8", cls, lambda png: _raw("application/json", b'{"image": "\xff\xfe"}'), {400}),
+        ("json-nested-100k", cls, lambda png: _raw("application/json", b"[" * 100_000 + b"]" * 100_000), {400, 422}),
+        (
+            "json-huge-number",
+            cls,
+            lambda png: _raw("application/json", b'{"image": "x", "top_k": 1' + b"0" * 5000 + b"}"),
+            {400, 422},
+        ),
+        ("content-type-text", cls, lambda png: _raw("text/plain", png), {415}),
+        ("content-type-missing", cls, lambda png: ({}, png), {415}),
+        ("multipart-no-boundary", cls, lambda png: _raw("multipart/form-data", png), {400}),
+        ("body-over-limit", cls, lambda png: _raw("image/png", bytes(11 << 20)), {413}),
+        ("v2-body-over-limit", v2, lambda png: _raw("application/json", b" " * (11 << 20)), {413}),
+        # floods within one request
+        ("multipart-64-images", cls, lambda png: _multipart(64, png), {200}),
+        ("multipart-65-images", cls, lambda png: _multipart(65, png), {400, 413}),
+        ("multipart-10000-parts", cls, lambda png: _multipart(10_000, b"x"), {400, 413}),
+        ("json-65-images", cls, lambda png: _json({"images": [_b64(png)] * 65}), {413}),
+        ("v2-65-images", v2, lambda png: _v2("BYTES", [65], [_b64(png)] * 65), {413}),
+    ]
+
+
+@pytest.mark.parametrize("case", _corpus(), ids=lambda case: case[0])
+def test_corpus(server, png, case):
+    name, path, make, allowed = case
+    headers, body = make(png)
+    r = httpx.post(server.url + path, content=body, headers=headers, timeout=60)
+    assert r.status_code in allowed, (name, r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert error if path.startswith("/v2") else error["message"], r.text  # a message says what is wrong
+
+
+def test_a_burst_of_tiny_requests_gets_only_200_or_429(server, png):
+    with cf.ThreadPoolExecutor(32) as pool, httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32)) as c:
+        statuses = list(
+            pool.map(
+                lambda _: (
+                    c.post(server.url + "/classify", content=png, headers={"Content-Type": "image/png"}).status_code
+                ),
+                range(500),
+            )
+        )
+    assert set(statuses) <= {200, 429} and statuses.count(200) > 0
+
+
+def test_pipelined_requests_are_all_answered_in_order(server, png):
+    request = b"POST /classify?top_k=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n%s"
+    with _connect(server) as sock:
+        sock.sendall(
+            b"".join(request % (len(png), png) for _ in range(50))
+            + b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = b""
+        while chunk_ := sock.recv(65536):
+            data += chunk_
+    assert data.count(b"HTTP/1.1 200 OK") == 51, data[:500]
+
+
+def test_aborts_mid_multipart_and_mid_v2_are_client_closed(server, png):
+    headers, body = _multipart(8, png)
+    before = _requests_total(server)
+    for path, head, payload in [
+        ("/classify", headers, body),
+        ("/v2/models/puppet-cnn/infer", *_v2("BYTES", [1], [_b64(png)])),
+    ]:
+        with _connect(server) as sock:
+            lines = "".join(f"{k}: {v}\r\n" for k, v in head.items())
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\n{lines}Content-Length: {len(payload) * 2}\r\n\r\n".encode()
+                + payload
+            )
+            time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while _moved(before, _requests_total(server)).get(str(CLIENT_CLOSED), 0) < 2:
+        assert time.monotonic() < deadline, _moved(before, _requests_total(server))
+        time.sleep(0.05)
+    assert _moved(before, _requests_total(server)) == {str(CLIENT_CLOSED): 2}
+
+
 def test_every_log_line_is_json_and_nothing_was_a_server_error(server):
-    """Runs last in this module: the whole corpus above left no 5xx and no traceback."""
+    """Runs last in this module: the whole corpus above left no 5xx and no traceback, and the server still serves."""
     for line in server.output().splitlines():
         record = json.loads(line)
         assert "exception" not in record, record

@@ -35,11 +35,11 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import httpx
 import numpy as np
 import pytest
+from crafted_images import zero_png
 from live_server import LiveServer
 from PIL import Image
 
@@ -65,28 +65,6 @@ def _serve_env() -> dict[str, str]:
 
 
 ENVIRONMENTS = {"default": {}, "make-serve": _serve_env()}
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def zero_png(width: int, height: int, color_type: int, bit_depth: int) -> bytes:
-    """A real PNG of zeros (valid, and as cheap to send as possible), written with zlib so any bit depth and
-    colour type can be made in a fraction of a second. Colour type 3 gets a one-entry palette, transparent."""
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
-    row = 1 + (width * channels * bit_depth + 7) // 8
-    rows_per_block = max(1, (4 << 20) // row)
-    deflate, parts, left = zlib.compressobj(9), [], height
-    while left:
-        n = min(rows_per_block, left)
-        parts.append(deflate.compress(bytes(row * n)))
-        left -= n
-    parts.append(deflate.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    palette = _chunk(b"PLTE", b"\0\0\0") + _chunk(b"tRNS", b"\0") if color_type == 3 else b""
-    idat = _chunk(b"IDAT", b"".join(parts))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + palette + idat + _chunk(b"IEND", b"")
 
 
 def _scans(jpeg: bytes) -> list[tuple[int, int]]:
