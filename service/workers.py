@@ -13,6 +13,7 @@ worker, each drains its in-flight requests, and the supervisor exits 0 once all 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing
 import os
@@ -64,6 +65,8 @@ def _worker(settings: Settings) -> None:
     from service.server import run_server
 
     configure_logging(settings.log_level, settings.log_format)
+    # SIGUSR1 writes every thread's stack to a file the supervisor reads when this worker will not stop
+    faulthandler.register(signal.SIGUSR1, file=open(_stacks_file(os.getpid()), "w"), all_threads=True)
     try:  # bound, not listening: uvicorn's start-up loads the model and warms every depth, then listens
         sock = _bind(settings)
     except OSError as e:
@@ -137,11 +140,23 @@ class Supervisor:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _stop(self) -> int:
-        """Every worker drains (SIGTERM); kill what is still running well after the drain timeout."""
+        """Every worker drains (SIGTERM); kill what is still running well after the drain timeout. One still
+        running 5 s after the drain timeout has its threads' stacks logged first: a hang says where it is."""
         for p in self.procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.drain_timeout_s + 10
+        start = time.monotonic()
+        for p in self.procs:
+            p.join(max(0.0, start + self.settings.drain_timeout_s + 5 - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                log.error(
+                    "worker process %d has not stopped %.0f s after SIGTERM; its threads: %s",
+                    p.pid,
+                    time.monotonic() - start,
+                    _stacks(p.pid),
+                )
+        deadline = start + self.settings.drain_timeout_s + 10
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
@@ -152,6 +167,21 @@ class Supervisor:
         log.info("all workers stopped (exit codes %s)", codes)
         # -SIGTERM: a worker still importing when the signal came (uvicorn's handlers were not installed yet)
         return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+
+
+def _stacks_file(pid: int) -> str:
+    return os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], f"stacks-{pid}.txt")
+
+
+def _stacks(pid: int) -> str:
+    """A worker's threads' stacks, as faulthandler writes them on SIGUSR1 (see `_worker`)."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        with open(_stacks_file(pid)) as f:
+            return f.read().strip() or "(none written)"
+    except OSError as e:
+        return f"(not available: {e})"
 
 
 def _mark_dead(pid: int) -> None:
