@@ -22,6 +22,7 @@ from model.onnx_export import OnnxExportError, ensure_export, verified_export
 from service import metrics
 from service.backends import OnnxBackend, TorchBackend, resolve_device
 from service.batcher import Batcher
+from service.connections import BODY_RECEIVED
 from service.errors import error_response, install_error_handlers
 from service.logs import REQUEST_FIELDS, access_line
 from service.settings import Settings
@@ -182,7 +183,10 @@ class MetricsMiddleware:
                 message = "the service is shutting down; retry on another instance"
                 await _refusal(path, 503, "draining", message, {"Retry-After": "1"})(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive_by_deadline, send_with_id)
+                received = scope.get(BODY_RECEIVED)  # service/connections.py
+                await self.app(
+                    scope, receive if received is not None and received() else receive_by_deadline, send_with_id
+                )
         except BodyTimeout:
             if started:
                 raise

@@ -30,6 +30,9 @@ from service.logs import access_line
 
 log = logging.getLogger("puppet.connections")
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; ours and every OIP client send well under 2 KB
+# in the ASGI scope: a function saying whether the whole request body has arrived (the middleware keeps a deadline
+# on reading the body only when it has not: most requests come whole with their head)
+BODY_RECEIVED = "puppet.body_received"
 LINGER_S = 2.0  # after refusing a head: what the client still sends is read and dropped, then the connection closes
 
 
@@ -41,13 +44,13 @@ def timed_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:
 class HeadDeadlineProtocol(HttpToolsProtocol):
     read_timeout_s = 10.0
     _head_timer: asyncio.TimerHandle | None = None
-    _began = False  # the current request's first byte has arrived
+    _in_head = False  # between a request's first byte and the end of its head
     _head_bytes = 0  # bytes received while the current head is incomplete
     _discarding = False  # refused: the rest of what the client sends is dropped unread
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._arm()
+        self._arm()  # the first request's head, or nothing: either way, within the deadline
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
@@ -55,7 +58,11 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self._head_timer is not None and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+        if not self._in_head:  # the usual case: the head came whole (no timer on a kept-alive connection)
+            return
+        if self._head_timer is None:  # a kept-alive connection's next head, split across reads: now timed
+            self._arm()
+        if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             self._disarm()
             self._refuse(
                 431,
@@ -66,22 +73,23 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_timer is None:  # the next request on a kept-alive connection
-            self._arm()
-        self._began = True
+        self._in_head = True
 
     def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes = False, 0
         self._disarm()
         super().on_headers_complete()
-        if self.cycle is not None:  # the request's view of the connection: closing it mid-body lingers
-            self.cycle.transport = _LingeringTransport(self)
+        if (cycle := self.cycle) is not None:
+            cycle.transport = _LingeringTransport(
+                self
+            )  # the request's view of the connection: closing mid-body lingers
+            self.scope[BODY_RECEIVED] = lambda: not cycle.more_body  # read by the middleware's body deadline
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
-        self._began, self._head_bytes = False, 0
         self._head_timer = self.loop.call_later(self.read_timeout_s, self._head_timed_out)
 
     def _disarm(self) -> None:
@@ -96,7 +104,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self._arm()  # a pipelined head waits while the request before it is answered: not the client's fault
             return
-        if not self._began:
+        if not self._in_head:
             self.transport.close()  # nothing asked, nothing to answer
             return
         self._refuse(
@@ -138,6 +146,7 @@ class _LingeringTransport:
 
     def __init__(self, protocol: HeadDeadlineProtocol):
         self._protocol, self._transport = protocol, protocol.transport
+        self.write, self.is_closing = self._transport.write, self._transport.is_closing  # the hot path, unwrapped
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
