@@ -51,7 +51,8 @@ from service.settings import Settings
 
 MAX_PIXELS = Settings.model_fields["max_pixels"].default
 MAX_REQUEST_PIXELS = Settings.model_fields["max_request_pixels"].default
-HEALTH_BOUND_S = 0.100
+HEALTH_BOUND_S = 0.100  # while any single allowed upload is processed
+CONCURRENT_HEALTH_BOUND_S = 0.250  # while all seven worst are, at once
 RSS_BOUND = 1_000_000_000
 RSS_RETURN = 1.10  # within 10% of the warm baseline
 
@@ -265,38 +266,44 @@ def _settle(server: LiveServer, target: int, within_s: float = 5.0) -> int:
 
 
 def test_worst_allowed_uploads_keep_health_fast_and_memory_bounded(server, worst):
+    """Each worst upload alone: health within 100 ms (the target: any single allowed upload). All of them at
+    once (past the target's case: seven of the worst uploads in flight on 2 cores): health within
+    CONCURRENT_HEALTH_BOUND_S, reported. Memory bounded throughout and returned after."""
     mb = 1 << 20
     baseline = _baseline(server)
     figures = []
-    with Monitor(server) as monitor:
+    with Monitor(server) as alone:
         for upload in worst:  # one at a time
-            start = len(monitor.rss)
+            start = len(alone.rss)
             r, elapsed = _post(server, upload)
             assert r.status_code == 200, (upload.name, r.text)
             assert len(r.json()["results"]) == (2 if upload.content_type == "application/json" else 1)
-            figures.append((upload.name, elapsed, max(monitor.rss[start:] or [0]), _rss(server)))
-        start = len(monitor.rss)
+            figures.append((upload.name, elapsed, max(alone.rss[start:] or [0]), _rss(server)))
+    with Monitor(server) as together:
         with cf.ThreadPoolExecutor(len(worst)) as pool:  # all at once
             answers = list(pool.map(lambda u: _post(server, u), worst))
         # admission may refuse what can no longer finish within the deadline; nothing else
         assert all(r.status_code in (200, 429, 504) for r, _ in answers), [r.text for r, _ in answers]
         assert any(r.status_code == 200 for r, _ in answers)
-        concurrent_peak = max(monitor.rss[start:])
     after = _settle(server, int(baseline * RSS_RETURN))
+    peak = max(alone.rss + together.rss)
     print(f"\n[{server.env_name}] warm RSS {baseline / mb:.0f} MB")
-    for name, elapsed, peak, rss in figures:
-        print(f"  {name:<26} {elapsed * 1000:6.0f} ms  peak RSS {peak / mb:5.0f} MB  after {rss / mb:5.0f} MB")
+    for name, elapsed, peak_one, rss in figures:
+        print(f"  {name:<26} {elapsed * 1000:6.0f} ms  peak RSS {peak_one / mb:5.0f} MB  after {rss / mb:5.0f} MB")
     statuses = [r.status_code for r, _ in answers]
     print(
-        f"  all {len(worst)} at once: {statuses}, {max(e for _, e in answers) * 1000:.0f} ms, peak RSS {concurrent_peak / mb:.0f} MB"
+        f"  all {len(worst)} at once: {statuses}, {max(e for _, e in answers) * 1000:.0f} ms, "
+        f"peak RSS {max(together.rss) / mb:.0f} MB"
     )
     print(
-        f"  health: slowest {monitor.slowest * 1000:.1f} ms over {monitor.answers} answers; "
-        f"RSS peak {max(monitor.rss) / mb:.0f} MB, settled {after / mb:.0f} MB"
+        f"  health: slowest {alone.slowest * 1000:.1f} ms one at a time ({alone.answers} answers), "
+        f"{together.slowest * 1000:.1f} ms all at once ({together.answers}); RSS peak {peak / mb:.0f} MB, "
+        f"settled {after / mb:.0f} MB"
     )
-    assert not monitor.failures, monitor.failures[:5]
-    assert monitor.slowest < HEALTH_BOUND_S, f"a health check took {monitor.slowest * 1000:.0f} ms"
-    assert max(monitor.rss) < RSS_BOUND, f"RSS peaked at {max(monitor.rss) / mb:.0f} MB"
+    assert not alone.failures and not together.failures, (alone.failures + together.failures)[:5]
+    assert alone.slowest < HEALTH_BOUND_S, f"a health check took {alone.slowest * 1000:.0f} ms"
+    assert together.slowest < CONCURRENT_HEALTH_BOUND_S, f"all at once: {together.slowest * 1000:.0f} ms"
+    assert peak < RSS_BOUND, f"RSS peaked at {peak / mb:.0f} MB"
     assert after <= baseline * RSS_RETURN, f"RSS {after / mb:.0f} MB after, against {baseline / mb:.0f} MB warm"
 
 
