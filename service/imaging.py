@@ -44,6 +44,10 @@ MAX_SIDE = 65_535
 # number: a 700 KB JPEG at the pixel limit with 20,000 copies of one scan took 199 s to decode (a 16 KB one of
 # 512x512, about 0.2 s: on the event loop). Encoders write 1 to about 12; beyond this, refused from the header.
 MAX_JPEG_SCANS = 32
+# Pillow decodes WebP (libwebp's animation decoder) holding the interpreter lock: a lossless WebP at 16 M pixels
+# stalled the event loop, and so health checks, for 55-67 ms under `make serve`'s environment on the 2-core
+# Xeon (about twice that on a CPU half as fast: past the 100 ms target). At 2048x2048 it is about a quarter.
+MAX_WEBP_PIXELS = 2048 * 2048
 JPEG_SCALE_GAP = 3  # libjpeg's reduced decode stops at 3x the input size; bilinear resampling does the rest
 RELEASE_MEMORY_PIXELS = 1 << 20  # decoding an image this large returns its memory to the operating system
 _BAND_PIXELS = 1 << 20  # high-depth to 8-bit conversion works on bands of about this many pixels
@@ -109,6 +113,13 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
                 413,
                 "too_many_pixels",
                 f"the image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,} per image",
+            )
+        if im.format == "WEBP" and width * height > min(max_pixels, MAX_WEBP_PIXELS):
+            raise ImageError(
+                413,
+                "too_many_pixels",
+                f"the WebP image is {width}x{height} = {width * height:,} pixels; WebP is decoded holding the "
+                f"interpreter lock, so its limit is {MAX_WEBP_PIXELS:,} (send PNG or JPEG for larger images)",
             )
         if max(width, height) > MAX_SIDE:
             raise ImageError(
@@ -255,7 +266,8 @@ def _to_mode(im: Image.Image, channels: int) -> Image.Image:
 class _Glibc:
     """glibc's allocator controls, through ctypes; `available` is False where there is no glibc (musl, macOS)."""
 
-    M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    FIXED_MMAP_THRESHOLD = 4 << 20
     DEFAULT_TRIM_THRESHOLD = DEFAULT_TOP_PAD = 128 * 1024  # glibc's defaults (mallopt(3))
 
     def __init__(self) -> None:
@@ -277,6 +289,15 @@ class _Glibc:
         self.free.argtypes, self.free.restype = [ctypes.c_void_p], None
         self.tuned = self._tuned()
         self.lock = threading.Lock()
+        if not self._set_in_environment("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"):
+            # glibc's default mmap threshold grows with every large free, up to 32 MB: buffers of a few MB (a WebP
+            # canvas, a decoded body) then come from thread heaps and stay there after they are freed (RSS 30-60
+            # MB over warm after the worst uploads). Fixed, they are mapped and unmapped. SERVE_ENV sets its own.
+            self.mallopt(self.M_MMAP_THRESHOLD, self.FIXED_MMAP_THRESHOLD)
+
+    @staticmethod
+    def _set_in_environment(variable: str, tunable: str) -> bool:
+        return variable in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
 
     @classmethod
     def _tuned(cls) -> tuple[int, int] | None:

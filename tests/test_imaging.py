@@ -12,6 +12,7 @@ from model import Preprocessing
 from service.imaging import (
     MAX_JPEG_SCANS,
     MAX_SIDE,
+    MAX_WEBP_PIXELS,
     ImageError,
     _Glibc,
     _to_8bit,
@@ -254,3 +255,14 @@ def test_a_progressive_jpeg_with_too_many_scans_is_refused_from_its_header():
     assert f"{MAX_JPEG_SCANS + 1} scans" in e.value.message
     at_limit = progressive[:end] + progressive[last_scan:end] * (copies - 1) + progressive[end:]
     assert decode(at_limit, GRAY, max_pixels=10**6).shape == (1, 28, 28)
+
+
+def test_webp_has_a_lower_pixel_limit_than_other_formats():
+    """Pillow decodes WebP holding the interpreter lock: over MAX_WEBP_PIXELS it is refused from its header; a
+    PNG of the same size is not."""
+    big = Image.new("RGB", (2049, 2048), (9, 99, 199))
+    with pytest.raises(ImageError) as e:
+        open_image(_encode(big, "WEBP", lossless=True), max_pixels=16_000_000)
+    assert e.value.status == 413 and "WebP" in e.value.message and f"{MAX_WEBP_PIXELS:,}" in e.value.message
+    assert open_image(_encode(big, "PNG"), max_pixels=16_000_000).pixels == 2049 * 2048
+    assert open_image(_encode(big.crop((0, 0, 2048, 2048)), "WEBP"), max_pixels=16_000_000).pixels == MAX_WEBP_PIXELS

@@ -46,7 +46,7 @@ from PIL import Image
 from conftest import REPO
 from model import load_dataset
 from model.data import encode_png
-from service.imaging import MAX_JPEG_SCANS, MAX_SIDE
+from service.imaging import MAX_JPEG_SCANS, MAX_SIDE, MAX_WEBP_PIXELS
 from service.settings import Settings
 
 MAX_PIXELS = Settings.model_fields["max_pixels"].default
@@ -119,6 +119,7 @@ def worst() -> list[Upload]:
     tall_w = -(-MAX_PIXELS // MAX_SIDE)  # the narrowest image at the pixel limit within the side limit
     tall_h = MAX_PIXELS // tall_w
     side = int(MAX_PIXELS**0.5)
+    webp_side = int(min(MAX_PIXELS, MAX_WEBP_PIXELS) ** 0.5)  # WebP has a lower limit (service/imaging.py)
     rest = MAX_REQUEST_PIXELS - tall_w * tall_h  # a second image filling the request's budget
     rest_w = -(-rest // MAX_SIDE)
     uploads = [
@@ -128,9 +129,9 @@ def worst() -> list[Upload]:
         Upload("png-palette-transparent", zero_png(side, side, 3, 8), "image/png", side * side),
         Upload(
             "webp-lossless-rgba",
-            _encode(Image.new("RGBA", (side, side), (9, 99, 199, 5)), "WEBP", lossless=True),
+            _encode(Image.new("RGBA", (webp_side, webp_side), (9, 99, 199, 5)), "WEBP", lossless=True),
             "image/webp",
-            side * side,
+            webp_side * webp_side,
         ),
         Upload(f"jpeg-{MAX_JPEG_SCANS}-scans", worst_jpeg(side), "image/jpeg", side * side),
         _json(
