@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
 from service.logs import access_line
 
-log = logging.getLogger("puppet.connections")
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; ours and every OIP client send well under 2 KB
 # in the ASGI scope: a function saying whether the whole request body has arrived (the middleware keeps a deadline
 # on reading the body only when it has not: most requests come whole with their head)

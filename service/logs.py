@@ -5,10 +5,10 @@ and become top-level keys. The access log (`puppet.access`) writes one line per 
 status, images, depths and why, timings, and for failures the error code and error id. Image bytes never
 appear in a log line: handlers record sizes and decisions, not payloads.
 
-Whatever the input, the output stays one JSON object per line: Python warnings (Pillow warns once per bad EXIF
-tag: 20,000 lines for one crafted upload) are logged as records of `py.warnings`, and repeats of one message
-(one warning site, or one log call) are rate-limited below error level: at most `RATE_LIMIT` a minute each, the next one that
-passes saying how many were dropped. The access log is never limited: one line per request.
+Whatever the input, the output stays one JSON object per line: Python warnings (Pillow warned once per bad EXIF
+entry: 40,000 plain-text lines for one crafted upload) are logged as records of `py.warnings`, and repeats of
+one message (one warning site, or one log call) are rate-limited below error level: at most `RATE_LIMIT` a
+minute each, the next one that passes saying how many were dropped. The access log is never limited.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ApiError
 from service.oip_tensors import (
@@ -40,7 +40,7 @@ from service.schemas import (
     OipReady,
     OipServerMetadata,
 )
-from service.uploads import read_body
+from service.uploads import read_body, validated_json
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 ModelName = Annotated[str, Path(description="the served model's name", examples=[MODEL_NAME])]
@@ -216,15 +216,7 @@ def _parse(body: bytes, header_length: int | None) -> tuple[InferRequest, list[I
             400, "invalid_binary", f"Inference-Header-Content-Length is {header_length}; the body has {len(body)} bytes"
         )
     header, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
-    try:
-        req = InferRequest.model_validate(json.loads(header))
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise ApiError(
-            400, "invalid_request", f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
-        ) from None
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep to parse
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    req = validated_json(InferRequest, header, status=400, code="invalid_request")
     inputs, at = [], 0
     for t in req.inputs:
         parameters = t.parameters or {}

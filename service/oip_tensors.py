@@ -26,7 +26,7 @@ from service.app import ServiceState
 from service.decoding import decode_all
 from service.errors import ApiError
 from service.routes import admission_check, infer, model_info
-from service.uploads import decode_base64, parse_depth
+from service.uploads import check_image_count, decode_base64, parse_depth
 
 MODEL_NAME = "puppet-cnn"
 OUTPUT_NAMES = ("probabilities", "depth", "label")
@@ -168,7 +168,7 @@ def _images(state: ServiceState, tensor: InputTensor) -> torch.Tensor | list[byt
             raise ApiError(
                 400, "invalid_shape", f"FP32 input must have shape [N, {', '.join(map(str, per_image))}], got {shape}"
             )
-        _check_count(state, shape[0])
+        check_image_count(shape[0], state.settings.max_images_per_request)
         size = math.prod(shape)
         if tensor.raw is not None:
             if len(tensor.raw) != 4 * size:
@@ -193,7 +193,7 @@ def _images(state: ServiceState, tensor: InputTensor) -> torch.Tensor | list[byt
         if len(shape) != 1 or shape[0] < 1:
             raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N], N >= 1, got {shape}")
         n = shape[0]
-        _check_count(state, n)
+        check_image_count(n, state.settings.max_images_per_request)
         if tensor.raw is not None:
             return deserialize_bytes(tensor.raw, n)
         data = _flatten(tensor.data)
@@ -210,12 +210,6 @@ def _images(state: ServiceState, tensor: InputTensor) -> torch.Tensor | list[byt
     raise ApiError(
         400, "invalid_datatype", f"datatype {tensor.datatype} is not supported; send FP32 [N, C, H, W] or BYTES [N]"
     )
-
-
-def _check_count(state: ServiceState, n: int) -> None:
-    limit = state.settings.max_images_per_request
-    if n > limit:
-        raise ApiError(413, "too_many_images", f"{n} images in one request; the limit is {limit}")
 
 
 def _flatten(data: list | None) -> list:

@@ -7,7 +7,7 @@ import json
 import re
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from service.errors import ApiError
 from service.imaging import SUPPORTED_TYPES
@@ -28,6 +28,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     body = b"".join(chunks)
     request._body = body  # starlette's form parser reads the cached body
     return body
+
+
+def validated_json(model: type[BaseModel], body: bytes, *, status: int, code: str) -> BaseModel:
+    """A JSON body validated against `model`: 400 `invalid_json` if it is not JSON (or not UTF-8, or nested too
+    deep to parse); `status`/`code` naming the first field that does not fit."""
+    try:
+        return model.model_validate(json.loads(body or b"null"))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ApiError(status, code, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+
+
+def check_image_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise ApiError(413, "too_many_images", f"{n} images in one request; the limit is {limit}")
 
 
 def parse_depth(value: object, max_depth: int, name: str = "depth") -> int | None:
@@ -138,20 +155,11 @@ async def images_and_options(request: Request, limit: int, max_images: int) -> t
             if isinstance(form.get(k), str):
                 options[k] = form.get(k)
     elif content_type == "application/json":
-        try:
-            payload = ClassifyJSON.model_validate(json.loads(body or b"null"))
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise ApiError(
-                422, "invalid_option", f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
-            ) from None
-        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep to parse
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+        payload = validated_json(ClassifyJSON, body, status=422, code="invalid_option")
         texts = ([payload.image] if payload.image is not None else []) + (payload.images or [])
         if not texts:
             raise ApiError(400, "no_image", "the JSON body needs 'image' (base64) or 'images' (a list of base64)")
-        if len(texts) > max_images:
-            raise ApiError(413, "too_many_images", f"{len(texts)} images in one request; the limit is {max_images}")
+        check_image_count(len(texts), max_images)  # before decoding them
         images = [decode_base64(t, i) for i, t in enumerate(texts)]
         for k in ("top_k", "depth", "max_depth"):
             if getattr(payload, k) is not None:
@@ -168,6 +176,5 @@ async def images_and_options(request: Request, limit: int, max_images: int) -> t
             "unsupported_media_type",
             f"Content-Type {content_type} is not accepted; send {', '.join(sorted(SUPPORTED_TYPES))}, multipart/form-data or application/json",
         )
-    if len(images) > max_images:
-        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}")
+    check_image_count(len(images), max_images)
     return images, options
