@@ -107,6 +107,21 @@ def test_overload_for_a_minute(pngs):
     _overload(pngs, seconds=60)
 
 
+def _settled_stats(s: LiveServer) -> dict[str, int]:
+    """The server's process stats once its descriptor count has stopped changing for 0.3 s: connections a client
+    has closed (readiness polls included) are closed by the server a moment later, not at once."""
+    last, since = s.process_stats()["fds"], time.monotonic()
+    deadline = since + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = s.process_stats()["fds"]
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 0.3:
+            return s.process_stats()
+    raise AssertionError(f"descriptor count still changing after 10 s (last {last})")
+
+
 # -- soak -----------------------------------------------------------------------------------------------------
 def _soak(pngs, seconds: float, warmup_s: float) -> None:
     s = _server()
@@ -116,13 +131,11 @@ def _soak(pngs, seconds: float, warmup_s: float) -> None:
         warm = open_loop(
             s.url, pngs, rate=rate, seconds=warmup_s, images_per_request=IMAGES_PER_REQUEST, keep_bodies=False
         )
-        time.sleep(0.5)  # let closed connections go
-        start = s.process_stats()
+        start = _settled_stats(s)  # closed connections gone
         outcomes = open_loop(
             s.url, pngs, rate=rate, seconds=seconds, images_per_request=IMAGES_PER_REQUEST, keep_bodies=False
         )
-        time.sleep(0.5)
-        end = s.process_stats()
+        end = _settled_stats(s)
         bad = [o for o in warm + outcomes if o.status != 200]
         growth = end["rss"] / start["rss"] - 1
         print(
@@ -314,21 +327,6 @@ def test_a_bad_checkpoint_stops_the_start(kind, tmp_path):
     assert "Traceback" not in message
 
 
-def _settled_fds(s: LiveServer) -> int:
-    """The server's descriptor count once it has stopped changing for 0.3 s: connections the client has closed
-    (readiness polls included) are closed by the server a moment later, not at once."""
-    last, since = s.process_stats()["fds"], time.monotonic()
-    deadline = since + 10
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = s.process_stats()["fds"]
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= 0.3:
-            return now
-    raise AssertionError(f"descriptor count still changing after 10 s (last {last})")
-
-
 def test_stats_helpers_see_the_server(pngs):
     """The soak's measurements are real: a kept-alive connection shows up in the process's open descriptors, and
     is gone once the client closes it."""
@@ -336,14 +334,14 @@ def test_stats_helpers_see_the_server(pngs):
     try:
         idle = s.process_stats()
         assert idle["rss"] > 50 * 2**20 and idle["threads"] >= 2
-        _settled_fds(s)
+        _settled_stats(s)
         with httpx.Client() as client:  # one kept-alive connection is one more descriptor
             assert (
                 client.post(s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"}).status_code
                 == 200
             )
             busy = s.process_stats()["fds"]
-        after = _settled_fds(s)  # files the first request opened lazily (metric files) stay; the socket goes
+        after = _settled_stats(s)["fds"]  # files the first request opened lazily (metric files) stay; the socket goes
         assert busy == after + 1, (busy, after)
     finally:
         s.stop()
