@@ -7,12 +7,14 @@ image does not install (tests/test_image_install.py proves the image's install s
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -31,6 +33,64 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ready(
+    url: str,
+    timeout: float,
+    *,
+    running: Callable[[], bool] = lambda: True,
+    interval: float = 0.1,
+    request_timeout: float = 1.0,
+) -> bool:
+    """GET `url` every `interval` seconds until it answers 200: True then, False once `running()` (asked before
+    each try) is false or `timeout` seconds have passed. A connection that fails or times out is a not-yet.
+
+    The one readiness poll of the tests and benchmarks: a server process, a peer, a container, a restarted worker.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not running():
+            return False
+        try:
+            if httpx.get(url, timeout=request_timeout).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(interval)
+    return False
+
+
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of a /metrics page (Prometheus text format): {(name, frozenset of (label, value)): value}.
+
+    Comment lines (# HELP, # TYPE) and blank lines are skipped; label values are unescaped; a sample that repeats
+    keeps its first value. The one /metrics parser of the tests and benchmarks, e.g. the value of
+    `puppet_requests_total{route="/classify",status="200"}` is
+    `samples[("puppet_requests_total", frozenset({("route", "/classify"), ("status", "200")}))]`.
+    """
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, brace, rest = line.partition("{")
+        labels: list[tuple[str, str]] = []
+        if brace:
+            label_text, _, value_text = rest.rpartition("}")
+            labels = [
+                (k, re.sub(r"\\.", lambda m: _UNESCAPE.get(m.group(), m.group()), v))
+                for k, v in _LABEL.findall(label_text)
+            ]
+        else:
+            name, _, value_text = line.partition(" ")
+        value = value_text.split()[0]  # a timestamp may follow the value
+        samples.setdefault((name.strip(), frozenset(labels)), float(value))
+    return samples
 
 
 class ServerProcess:
@@ -79,16 +139,10 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        if wait_ready(self.url + "/health/ready", timeout, running=lambda: self.proc.poll() is None):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
         self.stop()
         raise RuntimeError(f"server did not become ready in {timeout:.0f} s: {self.output()}")
 

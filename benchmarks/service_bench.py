@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.server_process import SERVER_ENV, ServerProcess, free_port
+from benchmarks.server_process import SERVER_ENV, ServerProcess, free_port, metric_samples, wait_ready
 from service.settings import SHIPPED_CHECKPOINT
 
 WRK_SCRIPT = """
@@ -106,17 +106,11 @@ class PeerProcess:
             text=True,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._signal(signal.SIGKILL)
-                raise RuntimeError(f"peer {peer[0]} exited with {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        if wait_ready(self.url + "/health", timeout, running=lambda: self.proc.poll() is None):
+            return
+        if self.proc.poll() is not None:
+            self._signal(signal.SIGKILL)
+            raise RuntimeError(f"peer {peer[0]} exited with {self.proc.returncode}: {self.output()}")
         self.stop()
         raise RuntimeError(f"peer {peer[0]} did not become ready in {timeout:.0f} s: {self.output()}")
 
@@ -276,11 +270,11 @@ def bench(
 
 def _degraded(url: str) -> float:
     """Images our service has answered at the degrade depth so far (its Prometheus counter)."""
-    text = httpx.get(url + "/metrics", timeout=10).text
+    samples = metric_samples(httpx.get(url + "/metrics", timeout=10).text)
     return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("puppet_depth_chosen_total{") and 'reason="degraded"' in line
+        value
+        for (name, labels), value in samples.items()
+        if name == "puppet_depth_chosen_total" and ("reason", "degraded") in labels
     )
 
 

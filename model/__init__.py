@@ -3,10 +3,19 @@
 This package knows nothing of HTTP, FastAPI or Prometheus. Its public names:
 """
 
-from model.checkpoint import Checkpoint, CheckpointError, Preprocessing, load_checkpoint, read_metadata, save_checkpoint
+from model.checkpoint import (
+    SHIPPED_CHECKPOINT,
+    Checkpoint,
+    CheckpointError,
+    Preprocessing,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from model.complexity import complexity
 from model.data import Dataset, DatasetError, load_dataset
-from model.depth_policy import AUTO, CAPPED, DEGRADED, REASONS, REQUESTED, DepthPolicy, calibrate
+from model.depth_policy import AUTO, CAPPED, DEGRADED, REQUESTED, DepthPolicy, calibrate
+from model.device import resolve_device
 from model.puppet import PuppetCNN, PuppetConfig, StaticTwin, build_model
 from model.puppeteer import StagePuppeteer
 
@@ -14,8 +23,8 @@ __all__ = [
     "AUTO",
     "CAPPED",
     "DEGRADED",
-    "REASONS",
     "REQUESTED",
+    "SHIPPED_CHECKPOINT",
     "Checkpoint",
     "CheckpointError",
     "Dataset",
@@ -32,5 +41,6 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "read_metadata",
+    "resolve_device",
     "save_checkpoint",
 ]

@@ -21,6 +21,8 @@ from model.puppet import Backbone, PuppetConfig, build_model
 
 FORMAT = "puppet-cnn/1"
 _META_KEY = "puppet_cnn"
+# the model this repository ships: the default of `puppet-cnn evaluate`/`export-onnx` and of the service
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "puppet-cnn-fmnist.safetensors"
 
 
 class CheckpointError(ValueError):

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+# why an image ran at its depth (the `depth_reason` of an answer, a label of the depth metrics)
 AUTO, REQUESTED, CAPPED, DEGRADED = "auto", "requested", "capped", "degraded"
-REASONS = (AUTO, REQUESTED, CAPPED, DEGRADED)
 
 
 @dataclass(frozen=True)
@@ -52,20 +52,21 @@ class DepthPolicy:
         table = torch.tensor(self.depths, dtype=torch.long, device=complexity.device)
         return table[torch.bucketize(complexity, edges, right=True)]
 
-    def resolve(self, complexity: float, *, depth: int | None = None, max_depth: int | None = None) -> tuple[int, str]:
-        """Depth and reason for one image: a requested depth wins, then the table, then the cap."""
-        for name, value in (("depth", depth), ("max_depth", max_depth)):
-            if value is not None and not 1 <= value <= self.max_depth:
-                raise ValueError(f"{name} must be in 1..{self.max_depth}, got {value}")
+    def choose(
+        self, auto: int, *, depth: int | None = None, max_depth: int | None = None, degrade_to: int | None = None
+    ) -> tuple[int, str]:
+        """The depth one image runs at, and why, given its table depth `auto`. The precedence, defined here only:
+        a requested `depth` wins; else, under load, a table depth deeper than `degrade_to` drops to it; and the
+        caller's `max_depth` caps what remains. The caller has checked that the depths it passes are in
+        1..max_depth."""
         if depth is not None:
             return depth, REQUESTED
-        chosen = int(self.auto(torch.tensor([complexity]))[0])
-        if max_depth is not None and chosen > max_depth:
-            return max_depth, CAPPED
-        return chosen, AUTO
-
-    def mean_depth(self, complexity: torch.Tensor) -> float:
-        return float(self.auto(complexity).float().mean())
+        chosen, reason = auto, AUTO
+        if degrade_to is not None and chosen > degrade_to:
+            chosen, reason = degrade_to, DEGRADED
+        if max_depth is not None and chosen > max_depth:  # a degrade depth above the caller's cap must not win
+            chosen, reason = max_depth, CAPPED
+        return chosen, reason
 
 
 def calibrate(

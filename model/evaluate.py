@@ -88,34 +88,50 @@ def evaluate(
     """Evaluate and write the report. `ablation` is (ODE puppet, tied puppet) trained with one short recipe."""
     t_start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
-    d_max = ckpt.config.max_depth
     test = load_dataset(ckpt.dataset or "fashion-mnist", "test", Path(data_dir) if data_dir else None)
     logits, correct = accuracy_by_depth(ckpt, test)
-    acc_by_depth = correct.float().mean(0).tolist()
     routed = policy_accuracy(ckpt, test)
-    h, depths = routed["complexity"], routed["depths"]
-    policy_acc = float(routed["correct"].float().mean())
-    gathered = correct[torch.arange(len(depths)), depths - 1]
-    g = torch.Generator().manual_seed(0)
-    random_accs = []
-    for _ in range(random_repeats):
-        shuffled = depths[torch.randperm(len(depths), generator=g)]
-        random_accs.append(float(correct[torch.arange(len(depths)), shuffled - 1].float().mean()))
-    oracle = float(correct.any(dim=1).float().mean())
-    loss_max = F.cross_entropy(logits[-1], test.labels, reduction="none")
-    macs = [ckpt.model.macs(d) for d in range(1, d_max + 1)]
-    mean_macs = float(torch.tensor(macs, dtype=torch.float64)[depths - 1].mean())
-    n_slice = min(REGRESSION_SLICE, len(test))
-    report: dict = {
+    report: dict = {  # the sections in the order model-report.json lists them
+        **_identity(checkpoint, ckpt, len(test)),
+        **_routing(ckpt, test, logits, correct, routed, random_repeats),
+        **_cost(checkpoint, ckpt, routed),
+        "regression_slice": _regression_slice(routed["correct"]),
+        "machine": _machine(),
+    }
+    if twin:
+        report.update(_against_twin(twin, test, report))
+    if ablation:
+        report["ablation"] = _ablation(ablation, test)
+    report["evaluation_seconds"] = time.perf_counter() - t_start
+    _write(report, Path(out), plots, routed["complexity"], routed["depths"], correct)
+    return report
+
+
+def _identity(checkpoint: str | Path, ckpt: Checkpoint, test_images: int) -> dict:
+    """Which model was evaluated, on how many images, and how it was built and trained."""
+    return {
         "checkpoint": str(checkpoint),
         "sha256": ckpt.sha256,
         "version": ckpt.version,
         "dataset": ckpt.dataset,
-        "test_images": len(test),
+        "test_images": test_images,
         "architecture": ckpt.config.to_dict(),
         "recipe": ckpt.recipe,
-        "accuracy_by_depth": acc_by_depth,
-        "accuracy_policy": policy_acc,
+    }
+
+
+def _routing(
+    ckpt: Checkpoint, test: Dataset, logits: torch.Tensor, correct: torch.Tensor, routed: dict, random_repeats: int
+) -> dict:
+    """Accuracy at each depth and with complexity-chosen depth, against a random depth and the per-image oracle."""
+    d_max = ckpt.config.max_depth
+    h, depths = routed["complexity"], routed["depths"]
+    gathered = correct[torch.arange(len(depths)), depths - 1]
+    random_accs = _random_depth_accuracies(correct, depths, random_repeats)
+    loss_max = F.cross_entropy(logits[-1], test.labels, reduction="none")
+    return {
+        "accuracy_by_depth": correct.float().mean(0).tolist(),
+        "accuracy_policy": float(routed["correct"].float().mean()),
         "policy_matches_gathered": bool((gathered == routed["correct"]).all()),
         "mean_depth": float(depths.float().mean()),
         "depth_share": [float((depths == d).float().mean()) for d in range(1, d_max + 1)],
@@ -124,52 +140,88 @@ def evaluate(
             "mean": statistics.mean(random_accs),
             "std": statistics.pstdev(random_accs),
         },
-        "accuracy_oracle": oracle,
+        "accuracy_oracle": float(correct.any(dim=1).float().mean()),
         "spearman_complexity_vs_loss": spearman(h, loss_max),
+    }
+
+
+def _random_depth_accuracies(correct: torch.Tensor, depths: torch.Tensor, repeats: int) -> list[float]:
+    """Accuracy when the chosen depths are shuffled across images: same depth distribution, no signal (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    accs = []
+    for _ in range(repeats):
+        shuffled = depths[torch.randperm(len(depths), generator=g)]
+        accs.append(float(correct[torch.arange(len(depths)), shuffled - 1].float().mean()))
+    return accs
+
+
+def _cost(checkpoint: str | Path, ckpt: Checkpoint, routed: dict) -> dict:
+    """Compute per image, size on disk and in parameters, and the time kernels and the routed pass take."""
+    macs = [ckpt.model.macs(d) for d in range(1, ckpt.config.max_depth + 1)]
+    return {
         "macs_by_depth": macs,
-        "macs_policy_mean": mean_macs,
+        "macs_policy_mean": float(torch.tensor(macs, dtype=torch.float64)[routed["depths"] - 1].mean()),
         "stored_parameters": ckpt.model.stored_parameters(),
         "checkpoint_bytes": Path(checkpoint).stat().st_size,
         "kernel_generation_ms": kernel_generation_ms(ckpt),
         "policy_forward_seconds": routed["seconds"],
-        "regression_slice": {"images": n_slice, "accuracy_policy": float(routed["correct"][:n_slice].float().mean())},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-        },
     }
-    if twin:
-        t = load_checkpoint(twin)
-        _, twin_correct = accuracy_by_depth(t, test)
-        report["twin"] = {
-            "checkpoint": str(twin),
-            "accuracy_max_depth": float(twin_correct[:, -1].float().mean()),
-            "stored_parameters": t.model.stored_parameters(),
-            "checkpoint_bytes": Path(twin).stat().st_size,
-            "recipe": t.recipe,
+
+
+def _regression_slice(routed_correct: torch.Tensor) -> dict:
+    """Routed accuracy on the first test images, which tests/test_shipped_checkpoint.py re-measures quickly."""
+    n_slice = min(REGRESSION_SLICE, len(routed_correct))
+    return {"images": n_slice, "accuracy_policy": float(routed_correct[:n_slice].float().mean())}
+
+
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _against_twin(twin: str | Path, test: Dataset, report: dict) -> dict:
+    """The static twin's accuracy and size, and how many times smaller the puppet is."""
+    t = load_checkpoint(twin)
+    _, twin_correct = accuracy_by_depth(t, test)
+    entry = {
+        "checkpoint": str(twin),
+        "accuracy_max_depth": float(twin_correct[:, -1].float().mean()),
+        "stored_parameters": t.model.stored_parameters(),
+        "checkpoint_bytes": Path(twin).stat().st_size,
+        "recipe": t.recipe,
+    }
+    return {
+        "twin": entry,
+        "compression_parameters": entry["stored_parameters"] / report["stored_parameters"],
+        "compression_bytes": entry["checkpoint_bytes"] / report["checkpoint_bytes"],
+    }
+
+
+def _ablation(ablation: tuple[str | Path, str | Path], test: Dataset) -> dict:
+    """Accuracy at each depth of the equal-budget ODE and tied-kernel checkpoints."""
+    result = {}
+    for name, path in zip(("ode", "tied"), ablation, strict=True):
+        a = load_checkpoint(path)
+        _, a_correct = accuracy_by_depth(a, test)
+        result[name] = {
+            "checkpoint": str(path),
+            "accuracy_by_depth": a_correct.float().mean(0).tolist(),
+            "stored_parameters": a.model.stored_parameters(),
+            "recipe": a.recipe,
         }
-        report["compression_parameters"] = report["twin"]["stored_parameters"] / report["stored_parameters"]
-        report["compression_bytes"] = report["twin"]["checkpoint_bytes"] / report["checkpoint_bytes"]
-    if ablation:
-        report["ablation"] = {}
-        for name, path in zip(("ode", "tied"), ablation, strict=True):
-            a = load_checkpoint(path)
-            _, a_correct = accuracy_by_depth(a, test)
-            report["ablation"][name] = {
-                "checkpoint": str(path),
-                "accuracy_by_depth": a_correct.float().mean(0).tolist(),
-                "stored_parameters": a.model.stored_parameters(),
-                "recipe": a.recipe,
-            }
-    report["evaluation_seconds"] = time.perf_counter() - t_start
-    out = Path(out)
+    return result
+
+
+def _write(report: dict, out: Path, plots: bool, h: torch.Tensor, depths: torch.Tensor, correct: torch.Tensor) -> None:
+    """model-report.json, the plots (optional: they need matplotlib) and model-report.md into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "model-report.json").write_text(json.dumps(report, indent=2) + "\n")
     if plots:
         _plots(report, h, depths, correct, out)
     (out / "model-report.md").write_text(render_markdown(report, plots))
-    return report
 
 
 def _plots(report: dict, h: torch.Tensor, depths: torch.Tensor, correct: torch.Tensor, out: Path) -> None:
@@ -220,15 +272,26 @@ def _pct(x: float) -> str:
 
 
 def render_markdown(r: dict, plots: bool) -> str:
-    d_max = len(r["accuracy_by_depth"])
-    rec = r["recipe"]
-    lines = [
+    """docs/model-report.md from the report `evaluate` measured, one section after another."""
+    sections = [_md_intro(r), _md_accuracy(r), _md_routing(r), _md_size(r), _md_ablation(r), _md_kernels(r)]
+    if plots:
+        sections.append(["![accuracy against compute; complexity and the depth table](model-report.png)"])
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def _md_intro(r: dict) -> list[str]:
+    return [
         "# Puppet-CNN model report",
         "",
         f"Written by `puppet-cnn evaluate` for `{r['checkpoint']}` (version `{r['version']}`, sha256 `{r['sha256'][:16]}…`)",
         f"on {r['test_images']:,} {r['dataset']} test images. Machine: {r['machine']['platform']}, "
         f"{r['machine']['torch_threads']} torch thread(s). The whole evaluation took {r['evaluation_seconds']:.1f} s.",
-        "",
+    ]
+
+
+def _md_accuracy(r: dict) -> list[str]:
+    d_max = len(r["accuracy_by_depth"])
+    lines = [
         "## Accuracy at each depth",
         "",
         "| depth | top-1 | MMACs / image | share routed here |",
@@ -238,10 +301,16 @@ def render_markdown(r: dict, plots: bool) -> str:
         lines.append(
             f"| {d + 1} | {_pct(r['accuracy_by_depth'][d])} | {r['macs_by_depth'][d] / 1e6:.1f} | {_pct(r['depth_share'][d])} |"
         )
+    lines.append(
+        f"| **complexity-chosen** | **{_pct(r['accuracy_policy'])}** | **{r['macs_policy_mean'] / 1e6:.1f}** (mean) | mean depth {r['mean_depth']:.2f} of {d_max} |"
+    )
+    return lines
+
+
+def _md_routing(r: dict) -> list[str]:
+    d_max = len(r["accuracy_by_depth"])
     rnd = r["accuracy_random_same_distribution"]
-    lines += [
-        f"| **complexity-chosen** | **{_pct(r['accuracy_policy'])}** | **{r['macs_policy_mean'] / 1e6:.1f}** (mean) | mean depth {r['mean_depth']:.2f} of {d_max} |",
-        "",
+    return [
         "## Is the complexity signal worth anything?",
         "",
         f"- Complexity-chosen depth: {_pct(r['accuracy_policy'])} at mean depth {r['mean_depth']:.2f}.",
@@ -258,48 +327,56 @@ def render_markdown(r: dict, plots: bool) -> str:
         "Depth table (calibrated on the validation split, tolerance "
         f"{100 * r['depth_table']['tolerance']:.1f} pt per bin): edges {[round(e, 3) for e in r['depth_table']['edges']]}, "
         f"depths {list(r['depth_table']['depths'])}.",
-        "",
-        "## Size: puppet against its static twin",
-        "",
     ]
-    if "twin" in r:
-        t = r["twin"]
-        lines += [
-            "| model | stored parameters | checkpoint bytes | top-1 at depth " + str(d_max) + " |",
-            "|---|---|---|---|",
-            f"| Puppet-CNN | {r['stored_parameters']:,} | {r['checkpoint_bytes']:,} | {_pct(r['accuracy_by_depth'][-1])} |",
-            f"| static twin | {t['stored_parameters']:,} | {t['checkpoint_bytes']:,} | {_pct(t['accuracy_max_depth'])} |",
-            f"| ratio | **{r['compression_parameters']:.2f}×** | **{r['compression_bytes']:.2f}×** | "
-            f"{100 * (t['accuracy_max_depth'] - r['accuracy_by_depth'][-1]):+.2f} pt (twin − puppet) |",
-            "",
-            f"Both trained with one recipe: {rec.get('epochs')} epochs, batch {rec.get('batch_size')}, AdamW lr {rec.get('lr')}, "
-            f"warm-up + cosine, translation ±2 px and flips, bf16 autocast={rec.get('bf16')}; the puppet with "
-            f"depth sampling `{rec.get('depth_sampling')}`, the twin (a plain CNN) at depth {d_max} only.",
+
+
+def _md_size(r: dict) -> list[str]:
+    lines = ["## Size: puppet against its static twin", ""]
+    if "twin" not in r:
+        return [
+            *lines,
+            f"Stored parameters: {r['stored_parameters']:,}; checkpoint bytes: {r['checkpoint_bytes']:,} (no twin given).",
         ]
-    else:
-        lines.append(
-            f"Stored parameters: {r['stored_parameters']:,}; checkpoint bytes: {r['checkpoint_bytes']:,} (no twin given)."
-        )
-    lines += ["", "## What the ODE contributes", ""]
-    if "ablation" in r:
-        a = r["ablation"]
-        lines += [
-            "The puppeteer (dP/dl = G(P)) against tied kernels (G ≡ 0: every layer of a stage uses P_0), "
-            "trained with one short recipe of equal budget "
-            f"({a['ode']['recipe'].get('epochs')} epochs, {a['ode']['recipe'].get('limit') or 'all'} training images):",
-            "",
-            "| depth | ODE puppeteer | tied kernels |",
-            "|---|---|---|",
-        ]
-        for d in range(d_max):
-            lines.append(
-                f"| {d + 1} | {_pct(a['ode']['accuracy_by_depth'][d])} | {_pct(a['tied']['accuracy_by_depth'][d])} |"
-            )
-        lines.append(f"| stored parameters | {a['ode']['stored_parameters']:,} | {a['tied']['stored_parameters']:,} |")
-    else:
-        lines.append("Not measured in this run (no ablation checkpoints given).")
-    lines += [
+    d_max = len(r["accuracy_by_depth"])
+    rec, t = r["recipe"], r["twin"]
+    return [
+        *lines,
+        "| model | stored parameters | checkpoint bytes | top-1 at depth " + str(d_max) + " |",
+        "|---|---|---|---|",
+        f"| Puppet-CNN | {r['stored_parameters']:,} | {r['checkpoint_bytes']:,} | {_pct(r['accuracy_by_depth'][-1])} |",
+        f"| static twin | {t['stored_parameters']:,} | {t['checkpoint_bytes']:,} | {_pct(t['accuracy_max_depth'])} |",
+        f"| ratio | **{r['compression_parameters']:.2f}×** | **{r['compression_bytes']:.2f}×** | "
+        f"{100 * (t['accuracy_max_depth'] - r['accuracy_by_depth'][-1]):+.2f} pt (twin − puppet) |",
         "",
+        f"Both trained with one recipe: {rec.get('epochs')} epochs, batch {rec.get('batch_size')}, AdamW lr {rec.get('lr')}, "
+        f"warm-up + cosine, translation ±2 px and flips, bf16 autocast={rec.get('bf16')}; the puppet with "
+        f"depth sampling `{rec.get('depth_sampling')}`, the twin (a plain CNN) at depth {d_max} only.",
+    ]
+
+
+def _md_ablation(r: dict) -> list[str]:
+    lines = ["## What the ODE contributes", ""]
+    if "ablation" not in r:
+        return [*lines, "Not measured in this run (no ablation checkpoints given)."]
+    a = r["ablation"]
+    lines += [
+        "The puppeteer (dP/dl = G(P)) against tied kernels (G ≡ 0: every layer of a stage uses P_0), "
+        "trained with one short recipe of equal budget "
+        f"({a['ode']['recipe'].get('epochs')} epochs, {a['ode']['recipe'].get('limit') or 'all'} training images):",
+        "",
+        "| depth | ODE puppeteer | tied kernels |",
+        "|---|---|---|",
+    ]
+    for d in range(len(r["accuracy_by_depth"])):
+        lines.append(
+            f"| {d + 1} | {_pct(a['ode']['accuracy_by_depth'][d])} | {_pct(a['tied']['accuracy_by_depth'][d])} |"
+        )
+    lines.append(f"| stored parameters | {a['ode']['stored_parameters']:,} | {a['tied']['stored_parameters']:,} |")
+    return lines
+
+
+def _md_kernels(r: dict) -> list[str]:
+    return [
         "## Cost of generating kernels",
         "",
         f"Generating every depth's kernels once takes {r['kernel_generation_ms']:.2f} ms (median of 20, no grad); "
@@ -308,6 +385,3 @@ def render_markdown(r: dict, plots: bool) -> str:
         f"Regression guard: on the first {r['regression_slice']['images']} test images the complexity-routed accuracy is "
         f"{_pct(r['regression_slice']['accuracy_policy'])} (tests/test_shipped_checkpoint.py checks it within 0.5 pt).",
     ]
-    if plots:
-        lines += ["", "![accuracy against compute; complexity and the depth table](model-report.png)"]
-    return "\n".join(lines) + "\n"

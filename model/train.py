@@ -31,6 +31,7 @@ from model.checkpoint import Checkpoint, Preprocessing, save_checkpoint
 from model.complexity import complexity
 from model.data import Dataset, load_dataset
 from model.depth_policy import DepthPolicy, calibrate
+from model.device import resolve_device
 from model.puppet import Backbone, PuppetConfig, build_model
 
 VERSION_PREFIX = "puppet-cnn"
@@ -149,12 +150,6 @@ def predict_all_depths(
     return torch.cat(out, dim=1)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 CPUINFO = "/proc/cpuinfo"
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -200,13 +195,7 @@ def _is_main() -> bool:
 def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
     """Train (or resume) and return the final checkpoint (rank 0; None on other ranks)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    rank = dist.get_rank() if world > 1 else 0
+    device, rank = _start_process(cfg.device, world)
     auto_bf16 = cfg.bf16 is None
     if auto_bf16:
         cfg.bf16 = native_bf16(device)  # resolved, so the recipe records the precision actually used
@@ -214,16 +203,79 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
+    run = _set_up(cfg, device, rank, world)
+    start_epoch, step, elapsed = 0, 0, 0.0
+    if cfg.resume and run.state_path.exists():
+        start_epoch, step, elapsed = _resume(run, auto_bf16)
+    objective = Objective(run.model, cfg.depth_sampling, cfg.label_smoothing)
+    runner = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    ckpt = None
+    for epoch in range(start_epoch, cfg.epochs):
+        step, train_loss, train_acc, seconds = _train_epoch(run, runner, epoch, step, progress)
+        elapsed += seconds
+        if _is_main():
+            ckpt = _end_of_epoch(
+                cfg, run.model, run.pre, run.val_set, run.classes, epoch, step, train_loss, train_acc, elapsed
+            )
+            _save_state(run, epoch, step, elapsed)
+        if world > 1:
+            dist.barrier()
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+    if world > 1:
+        dist.destroy_process_group()
+    return ckpt
 
+
+@dataclass
+class _Run:
+    """What a training run sets up once and every epoch works with, so the steps of `train` share one argument."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    classes: tuple[str, ...]
+    train_set: Dataset
+    val_set: Dataset
+    pre: Preprocessing
+    model: Backbone
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    state_path: Path  # the resumable training state, beside the checkpoint
+
+
+def _start_process(device_name: str, world: int) -> tuple[torch.device, int]:
+    """The device this process trains on and its rank; under torchrun, joins the process group first."""
+    device = resolve_device(device_name)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    rank = dist.get_rank() if world > 1 else 0
+    return device, rank
+
+
+def _set_up(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> _Run:
+    """Data, model, optimiser and schedule, in the order that keeps runs reproducible from `cfg.seed`."""
     data = load_dataset(cfg.dataset, "train", Path(cfg.data_dir) if cfg.data_dir else None)
     if cfg.limit:
         data = data.subset(slice(0, cfg.limit))
     train_set, val_set = split_train_val(data, min(cfg.val_size, len(data) // 5), cfg.seed)
     mean, std = channel_stats(train_set.images)
     pre = Preprocessing(train_set.images.shape[-1], train_set.images.shape[1], mean, std)
+    model = _build_model(cfg, pre, len(data.classes)).to(device)
+    steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
+    opt, sched = _optimiser(cfg, model, total_steps=cfg.epochs * steps_per_epoch)
+    state_path = Path(cfg.out).with_suffix(".state.pt")
+    return _Run(cfg, device, rank, world, data.classes, train_set, val_set, pre, model, opt, sched, state_path)
+
+
+def _build_model(cfg: TrainConfig, pre: Preprocessing, num_classes: int) -> Backbone:
     arch = PuppetConfig(
         in_channels=pre.channels,
-        num_classes=len(data.classes),
+        num_classes=num_classes,
         image_size=pre.image_size,
         widths=tuple(cfg.widths),
         ranks=tuple(cfg.ranks),
@@ -232,102 +284,98 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
         tied=cfg.tied,
     )
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.kind, arch).to(device)
+    return build_model(cfg.kind, arch)
+
+
+def _optimiser(
+    cfg: TrainConfig, model: Backbone, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW, decaying only multi-dimensional parameters outside the norm layers; linear warm-up, then cosine."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "norms" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "norms" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
-    steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(total_steps, warmup=min(300, max(1, total_steps // 10)))
     )
+    return opt, sched
 
-    out = Path(cfg.out)
-    state_path = out.with_suffix(".state.pt")
-    start_epoch, step, elapsed = 0, 0, 0.0
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, step, elapsed = state["epoch"], state["step"], state["elapsed"]
-        cfg.history = json.loads(state["history"])
-        torch.set_rng_state(state["rng"])
-        if auto_bf16 and "bf16" in state:  # a resumed run keeps its precision; an explicit --bf16/--no-bf16 wins
-            cfg.bf16 = bool(state["bf16"])
-    objective = Objective(model, cfg.depth_sampling, cfg.label_smoothing)
-    runner = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
-    ckpt = None
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(len(train_set), generator=g)[rank::world]
-        bar = tqdm(
-            range(0, len(perm), cfg.batch_size),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (progress and rank == 0),
-            leave=True,
-        )
-        seen = correct = 0
-        loss_sum = 0.0
-        for i in bar:
-            idx = perm[i : i + cfg.batch_size]
-            images = train_set.images[idx]
-            if cfg.augment:
-                images = augment(images)
-            x, y = pre.normalise(images.to(device)), train_set.labels[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, logits = runner(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
-        elapsed += time.perf_counter() - t0
-        if _is_main():
-            ckpt = _end_of_epoch(
-                cfg,
-                model,
-                pre,
-                val_set,
-                data.classes,
-                epoch,
-                step,
-                loss_sum / max(seen, 1),
-                correct / max(seen, 1),
-                elapsed,
-            )
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "elapsed": elapsed,
-                    "history": json.dumps(cfg.history),
-                    "rng": torch.get_rng_state(),
-                    "bf16": cfg.bf16,
-                },
-                state_path.with_suffix(".tmp"),
-            )
-            state_path.with_suffix(".tmp").replace(state_path)  # a crash mid-save keeps the last good state
-        if world > 1:
-            dist.barrier()
+
+def _resume(run: _Run, auto_bf16: bool) -> tuple[int, int, float]:
+    """Load the training state `_save_state` wrote; returns (epoch to start at, optimiser steps, seconds trained)."""
+    cfg = run.cfg
+    state = torch.load(run.state_path, map_location=run.device, weights_only=True)
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    cfg.history = json.loads(state["history"])
+    torch.set_rng_state(state["rng"])
+    if auto_bf16 and "bf16" in state:  # a resumed run keeps its precision; an explicit --bf16/--no-bf16 wins
+        cfg.bf16 = bool(state["bf16"])
+    return state["epoch"], state["step"], state["elapsed"]
+
+
+def _train_epoch(
+    run: _Run, runner: nn.Module, epoch: int, step: int, progress: bool
+) -> tuple[int, float, float, float]:
+    """One pass over this rank's share of the training set (or up to `max_steps`).
+
+    Returns (optimiser steps so far, mean training loss, training accuracy, seconds the pass took).
+    """
+    cfg, rank, world, train_set = run.cfg, run.rank, run.world, run.train_set
+    run.model.train()
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    perm = torch.randperm(len(train_set), generator=g)[rank::world]
+    bar = tqdm(
+        range(0, len(perm), cfg.batch_size),
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=not (progress and rank == 0),
+        leave=True,
+    )
+    seen = correct = 0
+    loss_sum = 0.0
+    for i in bar:
+        idx = perm[i : i + cfg.batch_size]
+        images = train_set.images[idx]
+        if cfg.augment:
+            images = augment(images)
+        x, y = run.pre.normalise(images.to(run.device)), train_set.labels[idx].to(run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, logits = runner(x, y)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        run.sched.step()
+        step += 1
+        seen += len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += loss.item() * len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         if cfg.max_steps and step >= cfg.max_steps:
             break
-    if world > 1:
-        dist.destroy_process_group()
-    return ckpt
+    return step, loss_sum / max(seen, 1), correct / max(seen, 1), time.perf_counter() - t0
+
+
+def _save_state(run: _Run, epoch: int, step: int, elapsed: float) -> None:
+    """The resumable training state after `epoch`, written atomically: a crash mid-save keeps the last good state."""
+    tmp = run.state_path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": run.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "epoch": epoch + 1,
+            "step": step,
+            "elapsed": elapsed,
+            "history": json.dumps(run.cfg.history),
+            "rng": torch.get_rng_state(),
+            "bf16": run.cfg.bf16,
+        },
+        tmp,
+    )
+    tmp.replace(run.state_path)
 
 
 def _end_of_epoch(cfg, model, pre, val_set, classes, epoch, step, train_loss, train_acc, elapsed) -> Checkpoint:

@@ -1,30 +1,73 @@
-"""Inference backends: tensors in, tensors out, no HTTP. The worker owns one and calls it from one thread."""
+"""Inference backends: tensors in, tensors out, no HTTP. The worker owns one and calls it from one thread.
+
+`Backend` is the interface the service holds; the torch and onnx backends are peers that implement it.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from model import Checkpoint, complexity
+from model import Checkpoint, Preprocessing, complexity
 
 
-@dataclass
-class BatchOutput:
-    probabilities: torch.Tensor  # (N, K) float32, CPU
-    complexity: torch.Tensor  # (N,) float32
-    seconds_by_depth: dict[int, float]  # model time of each depth group
+class Backend(Protocol):
+    """What the inference worker (service/batcher.py) and the loader (service/state.py) need of a backend.
+
+    Images come as uint8 levels (decoded uploads), which the backend normalises on its device, or as float32
+    already normalised with the checkpoint's mean and std (the Open Inference Protocol's FP32 input)."""
+
+    name: str  # "torch" or "onnx"
+    provider: str  # what actually runs: torch-cpu, torch-cuda, or the onnxruntime execution provider
+    device: torch.device
+    kernel_cache: bool  # false: `generate_kernels` must run before every batch
+
+    def generate_kernels(self) -> float:
+        """(Re)generate every depth's kernels; the seconds it took."""
+        ...
+
+    def complexity(self, images: torch.Tensor) -> torch.Tensor:
+        """H per image (model/complexity.py), from uint8 levels or intensities in [0, 1]."""
+        ...
+
+    def predict(self, images: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, dict[int, float]]:
+        """Softmax probabilities (N, K), float32 on the CPU, at per-image depths (N,), and the model time by
+        depth."""
+        ...
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
+        """Run every depth once per batch size so the first request pays no one-off cost; the seconds it took."""
+        ...
+
+    def device_memory_bytes(self) -> int | None:
+        """Memory held on the accelerator; None on the CPU."""
+        ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available on this machine")
-    return device
+def model_input(pre: Preprocessing, images: torch.Tensor) -> torch.Tensor:
+    """The model's input: uint8 levels normalised, float32 taken as already normalised."""
+    return pre.normalise(images) if images.dtype == torch.uint8 else images.float()
+
+
+@torch.inference_mode()
+def _complexity(images: torch.Tensor) -> torch.Tensor:
+    return complexity(images)
+
+
+def _warmup(backend: Backend, pre: Preprocessing, max_depth: int, batch_sizes: tuple[int, ...]) -> float:
+    t0 = time.perf_counter()
+    for n in batch_sizes:
+        images = torch.zeros(n, pre.channels, pre.image_size, pre.image_size, dtype=torch.uint8)
+        for d in range(1, max_depth + 1):
+            backend.predict(images, torch.full((n,), d))
+    return time.perf_counter() - t0
+
+
+def _device_memory_bytes(device: torch.device) -> int | None:
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
 
 
 class TorchBackend:
@@ -46,45 +89,32 @@ class TorchBackend:
         self.provider = f"torch-{device.type}"
 
     def generate_kernels(self) -> float:
-        """(Re)generate and cache every depth's kernels; returns the seconds it took."""
         t0 = time.perf_counter()
         self.model.cache_kernels()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    @torch.inference_mode()
     def complexity(self, images: torch.Tensor) -> torch.Tensor:
-        return complexity(images)
+        return _complexity(images)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, dict[int, float]]:
-        """Softmax probabilities for images (N, C, H, W) at per-image depths (N,), in one model call.
-
-        Mixed depths run with per-sample exit (each block only on the images that reach it), which measured
-        faster than one call per depth group (34 against 42 ms for 32 images of depths 1-4, 2-core CPU).
-        The time is reported under the batch's deepest depth.
-        """
+        """In one model call: mixed depths run with per-sample exit (each block only on the images that reach
+        it), which measured faster than one call per depth group (34 against 42 ms for 32 images of depths 1-4,
+        2-core CPU). The time is reported under the batch's deepest depth. uint8 images cross to the device
+        before they are normalised (a quarter of the bytes)."""
         t0 = time.perf_counter()
-        x = self.ckpt.preprocessing.normalise(images.to(self.device, non_blocking=True))
+        x = model_input(self.ckpt.preprocessing, images.to(self.device, non_blocking=True))
         d = depths.to(self.device)
         probs = torch.softmax(self.model(x, d).float(), dim=-1).cpu()
         return probs, {int(depths.max()): time.perf_counter() - t0}
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
-        """Run every depth once per batch size so the first request pays no one-off cost."""
-        t0 = time.perf_counter()
-        pre = self.ckpt.preprocessing
-        for n in batch_sizes:
-            images = torch.zeros(n, pre.channels, pre.image_size, pre.image_size, dtype=torch.uint8)
-            for d in range(1, self.max_depth + 1):
-                self.predict(images, torch.full((n,), d))
-        return time.perf_counter() - t0
+        return _warmup(self, self.ckpt.preprocessing, self.max_depth, batch_sizes)
 
     def device_memory_bytes(self) -> int | None:
-        if self.device.type != "cuda":
-            return None
-        return int(torch.cuda.memory_allocated(self.device))
+        return _device_memory_bytes(self.device)
 
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -99,7 +129,7 @@ def choose_providers(device: torch.device, wanted: tuple[str, ...] = PROVIDER_OR
     return chosen or ["CPUExecutionProvider"]
 
 
-class OnnxBackend(TorchBackend):
+class OnnxBackend:
     """ONNX Runtime, one InferenceSession per depth with that depth's kernels folded in.
 
     Complexity and normalisation stay in torch (cheap, and identical across backends); only the puppet runs
@@ -107,6 +137,7 @@ class OnnxBackend(TorchBackend):
     """
 
     name = "onnx"
+    kernel_cache = True  # every depth's kernels are folded into its graph at export
 
     def __init__(
         self,
@@ -121,7 +152,9 @@ class OnnxBackend(TorchBackend):
     ):
         import onnxruntime as ort
 
-        super().__init__(ckpt, torch.device("cpu") if device.type != "cuda" else device, kernel_cache=True)
+        self.ckpt = ckpt
+        self.device = torch.device("cpu") if device.type != "cuda" else device
+        self.max_depth = ckpt.config.max_depth
         self.providers = choose_providers(device, providers)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -168,7 +201,20 @@ class OnnxBackend(TorchBackend):
         for d in torch.unique(depths).tolist():
             idx = (depths == d).nonzero().squeeze(1)
             t0 = time.perf_counter()
-            x = self.ckpt.preprocessing.normalise(images[idx])
+            x = model_input(self.ckpt.preprocessing, images[idx])
             probs[idx] = torch.softmax(self._run(int(d), x).float(), dim=-1).cpu()
             seconds[int(d)] = time.perf_counter() - t0
         return probs, seconds
+
+    def generate_kernels(self) -> float:
+        """Nothing to generate: the export folded every depth's kernels into its graph."""
+        return 0.0
+
+    def complexity(self, images: torch.Tensor) -> torch.Tensor:
+        return _complexity(images)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
+        return _warmup(self, self.ckpt.preprocessing, self.max_depth, batch_sizes)
+
+    def device_memory_bytes(self) -> int | None:
+        return _device_memory_bytes(self.device)

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import AUTO, CAPPED, DEGRADED, REQUESTED, DepthPolicy
+from model import AUTO, DepthPolicy, Preprocessing
 from service import metrics
 from service.admission import CostModel, decide
-from service.backends import TorchBackend
+from service.backends import Backend
 
 log = logging.getLogger("puppet.worker")
 
@@ -80,7 +80,7 @@ class BatchTimings:
 
 @dataclass
 class _Item:
-    images: torch.Tensor  # (n, C, H, W) uint8
+    images: torch.Tensor  # (n, C, H, W): uint8 levels, or float32 normalised (the OIP's FP32 input)
     depth: int | None
     max_depth: int | None
     deadline: float
@@ -96,8 +96,9 @@ class _Item:
 class Batcher:
     def __init__(
         self,
-        backend: TorchBackend,
+        backend: Backend,
         policy: DepthPolicy,
+        preprocessing: Preprocessing,
         *,
         max_batch_size: int,
         max_queue: int,
@@ -108,7 +109,7 @@ class Batcher:
         restart_backoff_s: float = 1.0,
         on_worker_change: Callable[[bool], None] | None = None,
     ):
-        self.backend, self.policy = backend, policy
+        self.backend, self.policy, self.preprocessing = backend, policy, preprocessing
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.deadline_s, self.max_queue_delay_s = deadline_s, max_queue_delay_s
         self.degrade_under_load = degrade_under_load
@@ -130,7 +131,7 @@ class Batcher:
     def calibrate(self, repeats: int = 3) -> None:
         """Measure a full batch at every depth (complexity and model, median of `repeats`): admission's first
         per-image costs, before any request has been served. Call after the backend's warm-up."""
-        pre, n = self.backend.ckpt.preprocessing, self.max_batch_size
+        pre, n = self.preprocessing, self.max_batch_size
         images = torch.zeros(n, pre.channels, pre.image_size, pre.image_size, dtype=torch.uint8)
         for d in range(1, self.policy.max_depth + 1):
             times = []
@@ -183,10 +184,6 @@ class Batcher:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def queued_images(self) -> int:
-        return self._queued_images
 
     def estimated_wait_s(self) -> float:
         """Worker time of everything queued, plus what is left of the running batch (call under the lock)."""
@@ -313,54 +310,18 @@ class Batcher:
 
     def _process(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
-        # what cannot be answered by its deadline is not run: the whole batch finishes together
-        finish = start + sum(len(item.images) * self.costs.cost(item.key) for item in batch) + self.costs.way_back
-        live = []
-        for item in batch:
-            if finish > item.deadline:
-                metrics.REJECTIONS.labels("deadline").inc()
-                _resolve(item, exc=DeadlineExceeded())
-            else:
-                live.append(item)
+        live = self._drop_late(batch, start)
         if not live:
             return
-        if all(item.images.dtype == torch.uint8 for item in live):  # uploads: levels, as decoded
-            images = torch.cat([item.images for item in live])
-        else:  # with OIP FP32 tensors in the batch: everything as intensities in [0, 1]
-            images = torch.cat(
-                [item.images.float() / 255.0 if item.images.dtype == torch.uint8 else item.images for item in live]
-            )
-        h = self.backend.complexity(images)
-        auto = self.policy.auto(h).tolist()
-        depths, reasons, k = [], [], 0
-        for item in live:
-            for _ in range(len(item.images)):
-                d, reason = auto[k], AUTO
-                if item.depth is not None:
-                    d, reason = item.depth, REQUESTED
-                elif item.degraded and d > self.degrade_depth:
-                    d, reason = self.degrade_depth, DEGRADED
-                elif item.max_depth is not None and d > item.max_depth:
-                    d, reason = item.max_depth, CAPPED
-                depths.append(d)
-                reasons.append(reason)
-                k += 1
+        images, intensities = _inputs(live, self.preprocessing)
+        h = self.backend.complexity(intensities)
+        depths, reasons = self._depths(live, h)
         if not self.backend.kernel_cache:
             metrics.KERNEL_GENERATION.observe(self.backend.generate_kernels())
         probs, seconds = self.backend.predict(images, torch.tensor(depths))
         inference_s = time.perf_counter() - start
-        n = len(images)
-        metrics.BATCH_SIZE.observe(n)
-        if (mem := self.backend.device_memory_bytes()) is not None:
-            metrics.DEVICE_MEMORY.labels(str(self.backend.device)).set(mem)
-        for d, s in seconds.items():
-            metrics.INFERENCE.labels(str(d)).observe(s)
-        for (d, reason), count in Counter(zip(depths, reasons, strict=True)).items():
-            metrics.DEPTH_CHOSEN.labels(str(d), reason).inc(count)
         hs = h.tolist()
-        for d, c in zip(depths, hs, strict=True):
-            metrics.IMAGE_DEPTH.observe(d)
-            metrics.COMPLEXITY.observe(c)
+        self._record(len(images), depths, reasons, hs, seconds)
         values, classes = probs.sort(dim=1, descending=True)  # once per batch, not per request on the loop
         ranked = [list(zip(c, v, strict=True)) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
         k, settled = 0, []
@@ -373,8 +334,62 @@ class Batcher:
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
             settled.append((item, (results, BatchTimings(start - item.enqueued, inference_s, item.estimate_s)), None))
         _settle(settled)
-        if 2 * n >= self.max_batch_size:  # small batches cost more an image: they would price a deep queue wrong
+        if 2 * len(images) >= self.max_batch_size:  # small batches cost more an image: they would misprice a queue
             self.costs.observe(depths, [r == AUTO for r in reasons], time.perf_counter() - start)
+
+    def _drop_late(self, batch: list[_Item], start: float) -> list[_Item]:
+        """What cannot be answered by its deadline is not run (504): the whole batch finishes together."""
+        finish = start + sum(len(item.images) * self.costs.cost(item.key) for item in batch) + self.costs.way_back
+        live, late = [], []
+        for item in batch:
+            (late if finish > item.deadline else live).append(item)
+        if late:
+            metrics.REJECTIONS.labels("deadline").inc(len(late))
+            _settle([(item, None, DeadlineExceeded()) for item in late])
+        return live
+
+    def _depths(self, live: list[_Item], h: torch.Tensor) -> tuple[list[int], list[str]]:
+        """Each image's depth and its reason (the precedence is DepthPolicy.choose's)."""
+        auto = self.policy.auto(h).tolist()
+        depths, reasons, k = [], [], 0
+        for item in live:
+            degrade_to = self.degrade_depth if item.degraded else None
+            for _ in range(len(item.images)):
+                d, reason = self.policy.choose(
+                    auto[k], depth=item.depth, max_depth=item.max_depth, degrade_to=degrade_to
+                )
+                depths.append(d)
+                reasons.append(reason)
+                k += 1
+        return depths, reasons
+
+    def _record(
+        self, n: int, depths: list[int], reasons: list[str], complexities: list[float], seconds: dict[int, float]
+    ) -> None:
+        """A batch's metrics: its size, model time by depth, and each image's depth, reason and complexity."""
+        metrics.BATCH_SIZE.observe(n)
+        if (mem := self.backend.device_memory_bytes()) is not None:
+            metrics.DEVICE_MEMORY.labels(str(self.backend.device)).set(mem)
+        for d, s in seconds.items():
+            metrics.INFERENCE.labels(str(d)).observe(s)
+        for (d, reason), count in Counter(zip(depths, reasons, strict=True)).items():
+            metrics.DEPTH_CHOSEN.labels(str(d), reason).inc(count)
+        for d, c in zip(depths, complexities, strict=True):
+            metrics.IMAGE_DEPTH.observe(d)
+            metrics.COMPLEXITY.observe(c)
+
+
+def _inputs(live: list[_Item], pre: Preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch for the model, and the same images for the complexity score. Uploads (uint8 levels) serve as both;
+    the backend normalises them on its device. With OIP FP32 tensors in the batch (already normalised, and given to
+    the model as they are) the batch is normalised here, and complexity reads intensities recovered from it."""
+    if all(item.images.dtype == torch.uint8 for item in live):
+        images = torch.cat([item.images for item in live])
+        return images, images
+    x = torch.cat([pre.normalise(item.images) if item.images.dtype == torch.uint8 else item.images for item in live])
+    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+    return x, (x * std + mean).clamp(0, 1)
 
 
 def _fail(batch: list[_Item], message: str) -> None:
@@ -404,7 +419,3 @@ def _settle(settled: list[tuple[_Item, object, Exception | None]]) -> None:
         entry[0].answered = now
     for loop, entries in by_loop.items():
         loop.call_soon_threadsafe(settle, entries)
-
-
-def _resolve(item: _Item, *, result=None, exc: Exception | None = None) -> None:
-    _settle([(item, result, exc)])

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from service import metrics
-from service.app import ServiceState
 from service.errors import ApiError
 from service.imaging import ImageError, OpenedImage, decode_opened, discard, open_image, opens_cheaply
+from service.state import ServiceState
 
 # What a request may do on the event loop, in all (measured on the 2-core CPU): read the headers of its first
 # 16 KB of uploads (a PNG's compressed text chunks are inflated as its header is read: about 1.3 ms per KB of

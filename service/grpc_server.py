@@ -26,7 +26,6 @@ import uuid
 from google.protobuf import unknown_fields
 
 from service import metrics
-from service.app import REQUEST_STARTED, ServiceState, StartupFailed, new_request_id, sane_request_id
 from service.errors import ApiError
 from service.logs import REQUEST_FIELDS, access_line
 from service.oip_tensors import (
@@ -38,7 +37,9 @@ from service.oip_tensors import (
     model_metadata,
     server_metadata,
 )
-from service.workers import worker_count
+from service.request_context import CLIENT_CLOSED, REQUEST_STARTED, new_request_id, sane_request_id
+from service.state import ServiceState, StartupFailed
+from service.supervisor import worker_count
 
 # gRPC's C core writes plain-text lines to stderr, where every line is one JSON object (service/logs.py); what fails
 # is logged here instead. Read once, when grpc is imported; GRPC_VERBOSITY=debug still shows them.
@@ -51,7 +52,6 @@ from service.oip_proto import grpc_predict_v2_pb2_grpc as pb_grpc
 log = logging.getLogger("puppet.grpc")
 SERVICE = "/inference.GRPCInferenceService/"
 HEALTH_RPCS = ("ServerLive", "ServerReady", "ModelReady")  # logged at debug level, like HTTP health checks
-CLIENT_CLOSED = 499  # the caller cancelled: nginx's "client closed request", as the HTTP side counts it
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.deps import Loaded, State
 from service.errors import ApiError
 from service.oip_tensors import (
     MODEL_NAME,
@@ -29,7 +30,6 @@ from service.oip_tensors import (
     model_metadata,
     server_metadata,
 )
-from service.routes import ReadyState, State
 from service.schemas import (
     EXAMPLE_PNG_BASE64,
     OipError,
@@ -135,7 +135,7 @@ async def v2_ready(state: State) -> JSONResponse:
 @router.get(
     "/models/{name}", response_model=OipModelMetadata, responses={404: {"model": OipError}, 503: {"model": OipError}}
 )
-async def v2_metadata(name: ModelName, state: ReadyState) -> dict:
+async def v2_metadata(name: ModelName, state: Loaded) -> dict:
     check_model(name)
     return model_metadata(state)
 
@@ -172,7 +172,7 @@ async def v2_model_ready(name: ModelName, state: State) -> JSONResponse:
     summary="Inference (JSON, or the binary tensor data extension)",
 )
 async def v2_infer(
-    name: ModelName, request: Request, state: ReadyState, inference_header_content_length: HeaderLength = None
+    name: ModelName, request: Request, state: Loaded, inference_header_content_length: HeaderLength = None
 ) -> Response:
     check_model(name)
     limit = state.settings.max_upload_bytes

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.app import ServiceState
-from service.decoding import decode_all
+from service import pipeline
 from service.errors import ApiError
-from service.routes import admission_check, infer, model_info
+from service.state import ServiceState, model_info
 from service.uploads import check_image_count, decode_base64, parse_depth
 
 MODEL_NAME = "puppet-cnn"
@@ -127,11 +126,7 @@ async def infer_outputs(
     check_parameters(tensor.parameters, f"input {tensor.name!r}")
     names = _output_names(requested)
     depth = parse_depth({**parameters, **tensor.parameters}.get("depth"), state.ckpt.config.max_depth)
-    images = _images(state, tensor)
-    if isinstance(images, list):  # encoded images
-        admission_check(state, len(images), depth=depth, max_depth=None)
-        images = await decode_all(state, images)
-    results, _ = await infer(state, images, depth=depth, max_depth=None)
+    results = (await pipeline.classify(state, _images(state, tensor), depth=depth, max_depth=None)).results
     n, classes = len(results), state.ckpt.classes
     probs = torch.stack([r.probabilities for r in results]).float().cpu().numpy()
     outputs = {
@@ -159,8 +154,8 @@ def _output_names(requested: list[tuple[str, dict[str, Any]]] | None) -> list[st
 
 
 def _images(state: ServiceState, tensor: InputTensor) -> torch.Tensor | list[bytes]:
-    """FP32 normalised [N, C, H, W] back to intensities in [0, 1]; BYTES as encoded images, for the caller to decode
-    (asynchronously) like /classify's."""
+    """FP32 [N, C, H, W], normalised by the client as the model's metadata says, goes to the model as it is; BYTES
+    as encoded images, for the pipeline to decode (asynchronously) like /classify's."""
     pre, shape = state.ckpt.preprocessing, tensor.shape
     if tensor.datatype == "FP32":
         per_image = [pre.channels, pre.image_size, pre.image_size]
@@ -186,9 +181,7 @@ def _images(state: ServiceState, tensor: InputTensor) -> torch.Tensor | list[byt
         x = x.view(shape)
         if not torch.isfinite(x).all():
             raise ApiError(400, "invalid_datatype", "FP32 data must be finite")
-        mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
-        std = torch.tensor(pre.std).view(1, -1, 1, 1)
-        return (x * std + mean).clamp(0, 1)
+        return x
     if tensor.datatype == "BYTES":
         if len(shape) != 1 or shape[0] < 1:
             raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N], N >= 1, got {shape}")

@@ -1,4 +1,6 @@
-"""Running the app under uvicorn with a graceful drain on SIGTERM/SIGINT.
+"""One serving process: the app under uvicorn with a graceful drain on SIGTERM/SIGINT. `service.cli` hands
+`run_server` to `service.supervisor.serve`, which runs it here or in each worker process; nothing else in the
+service imports this module.
 
 On the first signal: readiness turns false, new requests get 503, and the server keeps running until
 in-flight requests finish (or the drain timeout passes); then uvicorn shuts down as usual. A second
@@ -18,9 +20,7 @@ import uvicorn
 
 from service.app import create_app
 from service.connections import timed_protocol
-from service.logs import configure_logging
 from service.settings import Settings
-from service.workers import Supervisor, worker_count
 
 log = logging.getLogger("puppet.server")
 DRAIN_LINGER_S = 0.2
@@ -72,17 +72,9 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT: in this process, or in several (service/workers.py). Returns the exit status."""
-    configure_logging(settings.log_level, settings.log_format)
-    workers = worker_count(settings)
-    if workers == 1:
-        run_server(settings)
-        return 0
-    return Supervisor(settings, workers).run()
-
-
 def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Serve the app until it has drained: on `sockets` (a worker's, bound by service/supervisor.py), or on the
+    settings' address."""
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "puppet-cnn-fmnist.safetensors"
+from model import SHIPPED_CHECKPOINT  # one definition of the shipped model: model/checkpoint.py
 
 
 class Settings(BaseSettings):

@@ -1,5 +1,6 @@
-"""Layering: model/ knows nothing of HTTP (neither service/, FastAPI nor prometheus_client), and the runtime
-packages import only runtime dependencies."""
+"""Layering (docs/design.md): model/ knows nothing of HTTP (neither service/, FastAPI nor prometheus_client); neither
+package has an import cycle; the process runner (service/server.py) sits on top, imported only by the command that
+starts it; and the runtime packages import only runtime dependencies, nothing of tests/ or benchmarks/."""
 
 import ast
 import importlib.metadata
@@ -99,3 +100,77 @@ def test_runtime_packages_import_only_runtime_dependencies():
         "add it to [project] dependencies in pyproject.toml, or move the code to tests/ or benchmarks/:\n"
         + "\n".join(bad)
     )
+
+
+# -- the import graph --------------------------------------------------------------------------------------------
+def _module_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, wherever the import statement is (a function-level import is
+    an edge too: hiding one inside a function does not make a cycle go away)."""
+    paths = {}
+    for path in pathlib.Path(REPO, package).rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for module, path in paths.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        # `from package import x` of a package's __init__ (which imports nothing of its own) is not an edge
+        graph[module] = {t for t in targets if t in paths and t not in (module, package)}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state, stack = [], {}, []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append([*stack[stack.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_cycles():
+    for package in ("model", "service"):
+        graph = _module_graph(package)
+        assert len(graph) > 5, graph  # the finder sees the package
+        cycles = _cycles(graph)
+        assert not cycles, f"{package}: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_only_the_command_imports_the_process_runner():
+    """service/server.py runs one process (uvicorn, drain) and sits on top of everything: the `puppet-cnn serve`
+    command (service/cli.py) hands it to service/supervisor.py, and nothing else depends on it."""
+    graph = _module_graph("service")
+    importers = sorted(m for m, targets in graph.items() if "service.server" in targets)
+    assert importers == ["service.cli"], importers
+
+
+def test_runtime_packages_import_nothing_of_tests_or_benchmarks():
+    test_modules = {p.stem for p in pathlib.Path(REPO, "tests").glob("*.py")} | {"tests", "support", "benchmarks"}
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {module}"
+        for package in ("model", "service")
+        for path in sorted(pathlib.Path(REPO, package).rglob("*.py"))
+        for module, line, _ in _imports(path)
+        if module in test_modules
+    ]
+    assert not bad, bad

@@ -18,12 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from live_server import LiveServer, free_port
-from load import capacity, open_loop
 
 from conftest import REPO
 from model import load_dataset
 from model.data import encode_png
+from support.live_server import LiveServer, free_port
+from support.load import capacity, open_loop
 
 ROOT = Path(REPO)
 BIN = Path(sys.executable).parent

@@ -25,17 +25,23 @@ def test_calibration_picks_the_smallest_depth_within_tolerance_per_bin():
     torch.testing.assert_close(policy.auto(torch.tensor([0.0, 150.0, 250.0, 399.0])), torch.tensor([1, 3, 2, 3]))
 
 
-def test_resolve_reasons():
+def test_choose_precedence():
+    """Requested beats degraded beats capped beats the table; each applies only where it lowers (or sets) the
+    depth."""
     policy = DepthPolicy((5.0,), (2, 4), 4)
-    assert policy.resolve(3.0) == (2, "auto")
-    assert policy.resolve(6.0) == (4, "auto")
-    assert policy.resolve(6.0, max_depth=3) == (3, "capped")
-    assert policy.resolve(3.0, max_depth=3) == (2, "auto")
-    assert policy.resolve(6.0, depth=1) == (1, "requested")
-    with pytest.raises(ValueError, match="depth must be in 1..4"):
-        policy.resolve(3.0, depth=5)
-    with pytest.raises(ValueError, match="max_depth must be in 1..4"):
-        policy.resolve(3.0, max_depth=0)
+    table = policy.auto(torch.tensor([3.0, 6.0])).tolist()
+    assert table == [2, 4]
+    assert policy.choose(2) == (2, "auto")
+    assert policy.choose(4) == (4, "auto")
+    assert policy.choose(4, max_depth=3) == (3, "capped")
+    assert policy.choose(2, max_depth=3) == (2, "auto")
+    assert policy.choose(4, depth=1) == (1, "requested")
+    assert policy.choose(1, depth=4, max_depth=2, degrade_to=1) == (4, "requested")
+    assert policy.choose(4, degrade_to=1) == (1, "degraded")
+    assert policy.choose(4, degrade_to=3, max_depth=2) == (2, "capped")  # the caller's cap holds under load too
+    assert policy.choose(4, degrade_to=2, max_depth=3) == (2, "degraded")
+    assert policy.choose(2, degrade_to=2, max_depth=1) == (1, "capped")
+    assert policy.choose(1, degrade_to=2) == (1, "auto")
 
 
 def test_invalid_tables_are_rejected():

@@ -19,10 +19,10 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from live_server import LiveServer
 
 from service.app import create_app
 from service.settings import Settings
+from support.live_server import LiveServer
 
 CHECKS = [
     "not_a_server_error",

@@ -20,12 +20,12 @@ import zlib
 
 import httpx
 import pytest
-from crafted_images import chunk, exif_flood_png, zero_png
-from live_server import LiveServer
 from PIL import Image
 
 from model import load_dataset
 from model.data import encode_png
+from support.crafted_images import chunk, exif_flood_png, zero_png
+from support.live_server import LiveServer
 
 READ_TIMEOUT_S = 1.0
 CLIENT_CLOSED = 499
@@ -125,14 +125,10 @@ def _read_response(sock: socket.socket) -> tuple[int | None, dict, bytes, float]
 def _requests_total(server) -> dict[str, float]:
     """puppet_requests_total summed by status, less the health probe's and the scrapes' own requests."""
     out: dict[str, float] = {}
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if (
-            line.startswith("puppet_requests_total{")
-            and 'route="/health/live"' not in line
-            and 'route="/metrics"' not in line
-        ):
-            status = line.split('status="', 1)[1].split('"', 1)[0]
-            out[status] = out.get(status, 0) + float(line.rpartition(" ")[2])
+    for (name, labels), value in server.metrics().items():
+        labels = dict(labels)
+        if name == "puppet_requests_total" and labels.get("route") not in ("/health/live", "/metrics"):
+            out[labels["status"]] = out.get(labels["status"], 0) + value
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 import httpx
 import pytest
 
-from benchmarks.server_process import ServerProcess, free_port
+from benchmarks.server_process import ServerProcess, free_port, wait_ready
 from conftest import REPO
 
 ROOT = Path(REPO)
@@ -302,19 +302,15 @@ def test_the_cpu_image_serves(tmp_path):
         out = subprocess.run([docker, "inspect", "-f", f"{{{{.State.{field}}}}}", name], capture_output=True, text=True)
         return out.stdout.strip()
 
+    def running() -> bool:
+        return state("Running") == "true"
+
     try:
         url = f"http://127.0.0.1:{port}"
         t0 = time.monotonic()
-        deadline = t0 + READY_TIMEOUT_S
-        while True:
-            assert state("Running") == "true", f"the container exited ({state('ExitCode')}):\n{logs()}"
-            try:
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in {READY_TIMEOUT_S:.0f} s:\n{logs()}"
-            time.sleep(0.5)
+        if not wait_ready(url + "/health/ready", READY_TIMEOUT_S, running=running, interval=0.5, request_timeout=2):
+            assert running(), f"the container exited ({state('ExitCode')}):\n{logs()}"
+            pytest.fail(f"not ready in {READY_TIMEOUT_S:.0f} s:\n{logs()}")
         startup_s = time.monotonic() - t0
         wrong = classify_samples(url)
         assert not wrong, f"{len(wrong)} of {len(SAMPLES)} sample images misclassified:\n" + "\n".join(wrong)

@@ -31,13 +31,13 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from google.protobuf import descriptor_pb2
-from live_server import SHIPPED, LiveServer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from conftest import REPO
 from model import load_checkpoint, load_dataset
 from model.data import encode_png
+from support.live_server import SHIPPED, LiveServer
 
 N = 6  # real test images per request
 MAX_IMAGES = 8
@@ -331,11 +331,14 @@ def test_malformed_binary_requests_are_400(server, request_json, binary, fragmen
 
 # -- gRPC in the service: metrics, worker processes, drain ---------------------------------------------------------
 def _grpc_requests(server) -> float:
-    total = 0.0
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith("puppet_requests_total{") and f'route="{GRPC_ROUTE}' in line:
-            total += float(line.rpartition(" ")[2])
-    return total
+    return sum(
+        (
+            value
+            for (name, labels), value in server.metrics().items()
+            if name == "puppet_requests_total" and dict(labels).get("route", "").startswith(GRPC_ROUTE)
+        ),
+        start=0.0,
+    )
 
 
 def test_every_grpc_call_counts_once(server, images):

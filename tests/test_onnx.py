@@ -8,11 +8,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from live_server import SHIPPED, LiveServer
 
 from model import load_checkpoint, load_dataset
 from model.data import encode_png
 from model.onnx_export import MANIFEST, OnnxExportError, ensure_export, export_onnx, verified_export
+from support.live_server import SHIPPED, LiveServer
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ import uuid
 
 import httpx
 import pytest
-from live_server import SHIPPED, LiveServer
-from load import capacity, open_loop, p50_latency
 from safetensors.torch import load_file, save_file
 
-from benchmarks.server_process import SERVER_ENV
+from benchmarks.server_process import SERVER_ENV, wait_ready
 from model import load_dataset
 from model.checkpoint import read_metadata
 from model.data import encode_png
+from support.live_server import SHIPPED, LiveServer
+from support.load import capacity, open_loop, p50_latency
 
 IMAGES_PER_REQUEST = 8
 
@@ -162,9 +162,9 @@ def test_soak_ten_minutes(pngs):
 # -- faults ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def faulty(tmp_path):
-    """A server whose model call fails on demand (tests/fault_server.py), logging at info level."""
+    """A server whose model call fails on demand (tests/support/fault_server.py), logging at info level."""
     s = LiveServer(
-        command=[sys.executable, "-m", "fault_server"],
+        command=[sys.executable, "-m", "support.fault_server"],
         env={**SERVER_ENV, "PUPPET_FAULT_DIR": str(tmp_path)},
         max_batch_size=8,
         log_level="info",
@@ -221,10 +221,9 @@ def test_a_worker_that_dies_is_restarted_and_readiness_follows(faulty, pngs):
     assert int(refused.headers["retry-after"]) >= 1
     assert faulty.metric("puppet_ready") == 0
     # restarted after the back-off: ready again, counted, serving
-    deadline = time.monotonic() + 15
-    while httpx.get(faulty.url + "/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the worker was not restarted"
-        time.sleep(0.05)
+    assert wait_ready(faulty.url + "/health/ready", 15, interval=0.05, request_timeout=5), (
+        "the worker was not restarted"
+    )
     assert faulty.metric("puppet_worker_restarts_total") == 1 and faulty.metric("puppet_ready") == 1
     assert all(_post(faulty.url, png).status_code == 200 for png in pngs[:8])
 

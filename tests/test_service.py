@@ -7,11 +7,11 @@ import io
 import httpx
 import pytest
 import torch
-from live_server import SHIPPED, LiveServer
 from PIL import Image
 
 from model import complexity, load_checkpoint, load_dataset
 from model.data import encode_png
+from support.live_server import SHIPPED, LiveServer
 
 N_IMAGES = 24
 
@@ -268,6 +268,31 @@ def test_oip_v2_matches_classify(server, test_images, offline):
     assert httpx.get(server.url + "/v2/models/puppet-cnn/ready").status_code == 200
     meta = httpx.get(server.url + "/v2/models/puppet-cnn").json()
     assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+
+
+def test_oip_fp32_reaches_the_model_as_sent(server, test_images, offline):
+    """FP32 input is the model's input, normalised by the client: it is not turned back into intensities and
+    clamped to [0, 1] on the way (which would change values no image can produce). Depth requested, so the
+    complexity score (read from intensities recovered from the tensor) does not enter; a mixed batch also holds
+    uploads."""
+    data, pngs = test_images
+    x = offline.preprocessing.normalise(data.images[:2])
+    x[:, :, 10:18, 10:18] = torch.linspace(-6.0, 6.0, 64).view(8, 8)  # outside what intensities in [0, 1] give
+    with torch.inference_mode():
+        want = torch.softmax(offline.model(x, torch.full((2,), 3)), dim=-1)
+    body = {
+        "inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": x.flatten().tolist()}],
+        "parameters": {"depth": 3},
+    }
+    with cf.ThreadPoolExecutor(4) as pool:  # with uploads alongside, some batches mix uint8 and FP32 items
+        uploads = [pool.submit(_classify_png, server.url, pngs[i % len(pngs)], depth=3) for i in range(6)]
+        answers = [pool.submit(httpx.post, server.url + "/v2/models/puppet-cnn/infer", json=body) for _ in range(3)]
+        assert all(u.result().status_code == 200 for u in uploads)
+        for answer in answers:
+            r = answer.result()
+            assert r.status_code == 200, r.text
+            got = torch.tensor({o["name"]: o for o in r.json()["outputs"]}["probabilities"]["data"]).view(2, 10)
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ import time
 
 import httpx
 import pytest
-from live_server import LiveServer, answer_or_cut
-from load import capacity, open_loop
 
 from model import load_dataset
 from model.data import encode_png
+from support.live_server import LiveServer, answer_or_cut
+from support.load import capacity, open_loop
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from model import load_checkpoint
+from model import load_checkpoint, resolve_device
 from model import train as train_module
 from model.puppet import PuppetConfig, build_model
-from model.train import Objective, TrainConfig, augment, native_bf16, resolve_device, train, warmup_cosine
+from model.train import Objective, TrainConfig, augment, native_bf16, train, warmup_cosine
 
 SMALL = {"widths": (8, 16), "ranks": (4, 8), "max_depth": 3}
 

@@ -1,7 +1,7 @@
 """The pixel budget against a real server (issue 12): the worst uploads the limits allow may not stall the
 event loop or grow the worker's memory, and anything over the limits is refused from its headers.
 
-One server per environment: `puppet-cnn serve` as tests/live_server.py starts it (one worker), and the same
+One server per environment: `puppet-cnn serve` as tests/support/live_server.py starts it (one worker), and the same
 with the environment the Makefile's `serve` target sets (SERVE_ENV, read from the Makefile: glibc keeps up to
 256 MB at the top of each heap there). While the worst allowed images are classified, alone and several at
 once, two threads poll /health/live and /health/ready on their own connections and a third samples the
@@ -39,8 +39,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-from crafted_images import zero_png
-from live_server import LiveServer
 from PIL import Image
 
 from conftest import REPO
@@ -48,6 +46,8 @@ from model import load_dataset
 from model.data import encode_png
 from service.imaging import MAX_JPEG_SCANS, MAX_SIDE, MAX_WEBP_PIXELS
 from service.settings import Settings
+from support.crafted_images import zero_png
+from support.live_server import LiveServer
 
 MAX_PIXELS = Settings.model_fields["max_pixels"].default
 MAX_REQUEST_PIXELS = Settings.model_fields["max_request_pixels"].default

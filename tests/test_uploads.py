@@ -18,12 +18,12 @@ import subprocess
 
 import httpx
 import pytest
-from live_server import LiveServer
 from PIL import Image
 
 from conftest import REPO
 from service.errors import ApiError
 from service.uploads import decode_base64, parse_depth, parse_top_k
+from support.live_server import LiveServer
 
 SAMPLES = sorted(glob.glob(os.path.join(REPO, "samples", "fashion-mnist", "*.png")))
 

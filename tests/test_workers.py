@@ -11,10 +11,10 @@ import time
 
 import httpx
 import pytest
-from live_server import LiveServer, answer_or_cut
 
 from model import load_dataset
 from model.data import encode_png
+from support.live_server import LiveServer, answer_or_cut
 
 
 @pytest.fixture(scope="module")

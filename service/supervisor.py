@@ -1,4 +1,6 @@
-"""Several serving processes on one port: a supervisor that binds the socket, starts the workers and keeps them.
+"""`serve()`: one serving process, or several on one port under a supervisor that binds the socket, starts the
+workers and keeps them. What runs in a serving process (uvicorn with a drain, service/server.py) is handed in by
+the caller, so nothing here imports it.
 
 Why processes: one process is bound by its interpreter lock, which the event loop (HTTP, decoding) and the
 inference thread share; two processes on two cores served 1.9-2.0x the requests of one (docs/benchmarks.md).
@@ -23,12 +25,27 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from uvicorn.config import STARTUP_FAILURE
 
+from service.logs import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("puppet.supervisor")
+
+# Serves the app until it drains: on the sockets given (a worker's), or on the settings' address when None
+RunServer = Callable[[Settings, list[socket.socket] | None], None]
+
+
+def serve(settings: Settings, run_server: RunServer) -> int:
+    """Serve until SIGTERM/SIGINT: in this process, or in several. Returns the exit status."""
+    configure_logging(settings.log_level, settings.log_format)
+    workers = worker_count(settings)
+    if workers == 1:
+        run_server(settings, None)
+        return 0
+    return Supervisor(settings, workers, run_server).run()
 
 
 def worker_count(settings: Settings) -> int:
@@ -60,10 +77,8 @@ def _bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings) -> None:
-    from service.logs import configure_logging
-    from service.server import run_server
-
+def _worker(settings: Settings, run_server: RunServer) -> None:
+    """A worker process's life: its own socket on the port, then the server (`run_server`, picklable by name)."""
     configure_logging(settings.log_level, settings.log_format)
     # SIGUSR1 writes every thread's stack to a file the supervisor reads when this worker will not stop
     faulthandler.register(signal.SIGUSR1, file=open(_stacks_file(os.getpid()), "w"), all_threads=True)
@@ -72,12 +87,12 @@ def _worker(settings: Settings) -> None:
     except OSError as e:
         log.critical("cannot listen on %s:%d: %s", settings.host, settings.port, e)
         raise SystemExit(STARTUP_FAILURE) from None
-    run_server(settings, sockets=[sock])
+    run_server(settings, [sock])
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workers: int):
-        self.settings, self.n = settings, workers
+    def __init__(self, settings: Settings, workers: int, run_server: RunServer):
+        self.settings, self.n, self.run_server = settings, workers, run_server
         self.signals = 0
         self._wake = threading.Event()
         self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked
@@ -94,7 +109,7 @@ class Supervisor:
                     os.kill(p.pid, signal.SIGINT)
 
     def _spawn(self) -> multiprocessing.Process:
-        p = self.context.Process(target=_worker, args=(self.settings,), name="puppet-serve-worker")
+        p = self.context.Process(target=_worker, args=(self.settings, self.run_server), name="puppet-serve-worker")
         p.start()
         return p
 

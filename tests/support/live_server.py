@@ -6,7 +6,7 @@ import os
 
 import httpx
 
-from benchmarks.server_process import ServerProcess, free_port
+from benchmarks.server_process import ServerProcess, free_port, metric_samples
 from conftest import REPO
 
 SHIPPED = os.path.join(REPO, "checkpoints", "puppet-cnn-fmnist.safetensors")
@@ -36,21 +36,13 @@ class LiveServer(ServerProcess):
             "threads": int(status["Threads"]),
         }
 
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample of /metrics now: {(name, frozenset of (label, value)): value} (`metric_samples`)."""
+        return metric_samples(httpx.get(self.url + "/metrics").text)
+
     def metric(self, name: str, **labels) -> float:
         """Current value of one sample of /metrics (0 if absent)."""
-        text = httpx.get(self.url + "/metrics").text
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            sample, _, label_part = key.partition("{")
-            if sample != name:
-                continue
-            got = ",".join(sorted(p for p in label_part.rstrip("}").split(",") if p))
-            if got == want:
-                return float(value)
-        return 0.0
+        return self.metrics().get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
 
 
 def answer_or_cut(future):

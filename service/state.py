@@ -1,0 +1,147 @@
+"""The loaded service: what one process serves (checkpoint, backend, batcher) and whether it is ready.
+
+`load_service` fills a `ServiceState` in the app's lifespan (service/app.py): checkpoint onto the device,
+kernels generated and cached, every depth warmed, admission's costs measured, the inference worker started.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import Checkpoint, load_checkpoint, resolve_device
+from model.onnx_export import ensure_export, verified_export
+from service import metrics
+from service.backends import Backend, OnnxBackend, TorchBackend
+from service.batcher import Batcher
+from service.settings import Settings
+
+log = logging.getLogger("puppet.service")
+
+
+class StartupFailed(Exception):
+    """The model could not be loaded; the process exits without ever reporting ready."""
+
+
+@dataclass
+class ServiceState:
+    """What the routes need; lives on app.state.service once the lifespan has loaded the model."""
+
+    settings: Settings
+    ckpt: Checkpoint | None = None
+    backend: Backend | None = None
+    batcher: Batcher | None = None
+    ready: bool = False  # loaded and warm; false again once shutdown begins
+    draining: bool = False
+    worker_up: bool = True
+    in_flight: int = 0
+
+    @property
+    def serving(self) -> bool:
+        """The one definition of ready, for every probe (/health/ready, /v2 readiness, gRPC) and the
+        `puppet_ready` gauge: loaded and warm, the inference worker running, not draining."""
+        return self.ready and self.worker_up and not self.draining and self.batcher is not None and self.batcher.alive
+
+    @property
+    def loaded(self) -> bool:
+        """A route that needs the model can run (service/deps.py). Weaker than `serving` on purpose: while the
+        inference worker restarts or the process drains, the batcher's own refusal says so, with a retry time."""
+        return self.ready and self.batcher is not None
+
+    def set_ready(self, value: bool) -> None:
+        self.ready = value
+        self._publish()
+
+    def worker_changed(self, up: bool) -> None:
+        """From the batcher's supervisor: the inference worker died (False) or runs again (True)."""
+        self.worker_up = up
+        self._publish()
+
+    def _publish(self) -> None:
+        metrics.READY.set(1 if self.serving else 0)
+
+
+def make_backend(s: Settings, ckpt: Checkpoint, device: torch.device) -> Backend:
+    if s.backend == "torch":
+        return TorchBackend(ckpt, device, kernel_cache=s.kernel_cache)
+    if s.onnx_dir is not None:  # supplied pre-built: serve it only if it matches this checkpoint
+        files = verified_export(ckpt, s.onnx_dir)
+    else:  # made here on first start, reused while the checkpoint is unchanged
+        files = ensure_export(ckpt, s.onnx_cache_dir / ckpt.sha256[:16])
+    return OnnxBackend(
+        ckpt,
+        device,
+        files,
+        threads=s.torch_threads,
+        providers=tuple(p.strip() for p in s.onnx_providers.split(",") if p.strip()),
+        trt_fp16=s.onnx_trt_fp16,
+        trt_cache_dir=str(s.onnx_trt_cache_dir) if s.onnx_trt_cache_dir else None,
+    )
+
+
+def load_service(state: ServiceState) -> None:
+    """Load the checkpoint onto the worker's device, cache kernels, warm every depth, start the worker."""
+    s = state.settings
+    torch.set_num_threads(s.torch_threads)
+    t0 = time.perf_counter()
+    device = resolve_device(s.device)
+    ckpt = load_checkpoint(s.checkpoint, device)
+    metrics.LOAD_SECONDS.set(time.perf_counter() - t0)
+    backend = make_backend(s, ckpt, device)
+    metrics.KERNEL_GENERATION.observe(backend.generate_kernels())
+    metrics.WARMUP_SECONDS.set(backend.warmup(batch_sizes=(1, min(8, s.max_batch_size), s.max_batch_size)))
+    metrics.MODEL_INFO.labels(
+        ckpt.version, backend.name, backend.provider, str(device), str(ckpt.config.max_depth), ckpt.sha256[:12]
+    ).set(1)
+    metrics.MAX_DEPTH.set(ckpt.config.max_depth)
+    if (mem := backend.device_memory_bytes()) is not None:
+        metrics.DEVICE_MEMORY.labels(str(device)).set(mem)
+    batcher = Batcher(
+        backend,
+        ckpt.policy,
+        ckpt.preprocessing,
+        max_batch_size=s.max_batch_size,
+        max_queue=s.max_queue,
+        deadline_s=s.request_deadline_ms / 1000,
+        max_queue_delay_s=s.max_queue_delay_ms / 1000,
+        degrade_under_load=s.degrade_under_load,
+        degrade_depth=s.degrade_depth,
+        restart_backoff_s=s.worker_restart_backoff_s,
+        on_worker_change=state.worker_changed,
+    )
+    batcher.calibrate()
+    batcher.start()
+    state.ckpt, state.backend, state.batcher = ckpt, backend, batcher
+    gc.collect()
+    gc.freeze()  # the model's objects never die: keep the collector from walking them on every pause
+    log.info("model %s loaded on %s in %.2f s; ready", ckpt.version, device, time.perf_counter() - t0)
+
+
+def model_info(state: ServiceState) -> dict:
+    """The loaded model as /v1/model and the Open Inference Protocol's metadata describe it."""
+    ckpt, backend = state.ckpt, state.backend
+    pre, policy = ckpt.preprocessing, ckpt.policy
+    return {
+        "name": "puppet-cnn",
+        "version": ckpt.version,
+        "classes": list(ckpt.classes),
+        "preprocessing": {
+            "input_size": [pre.image_size, pre.image_size],
+            "channels": pre.channels,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+        },
+        "depths": list(range(1, ckpt.config.max_depth + 1)),
+        "max_depth": ckpt.config.max_depth,
+        "depth_table": {"edges": list(policy.edges), "depths": list(policy.depths), "tolerance": policy.tolerance},
+        "stored_parameters": ckpt.model.stored_parameters(),
+        "backend": backend.name,
+        "provider": backend.provider,
+        "device": str(backend.device),
+        "checkpoint_sha256": ckpt.sha256,
+        "dataset": ckpt.dataset,
+    }
