@@ -72,7 +72,7 @@ WORKER_RESTARTS = Counter("puppet_worker_restarts_total", "inference worker rest
 
 
 def exposition() -> bytes:
-    """The text format: this process's metrics, or every worker's summed when several serve (workers.py)."""
+    """The text format: this process's metrics, or every worker's summed when several serve (supervisor.py)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
