@@ -11,14 +11,16 @@ POST /classify with JSON {"image": "<base64 png>"}; GET /health is 200 at once.
 
 from __future__ import annotations
 
+import base64
 import json
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from benchmarks.peers.common import CONSTANT, arguments, decode_b64
+from benchmarks.peers.common import CONSTANT, MAX_PIXELS, arguments
 from model import load_checkpoint
+from service.imaging import decode
 
 
 def create_app(checkpoint) -> FastAPI:
@@ -29,7 +31,7 @@ def create_app(checkpoint) -> FastAPI:
     @app.post("/classify")
     async def classify(request: Request) -> JSONResponse:
         payload = json.loads(await request.body())
-        decode_b64(payload["image"], ckpt)
+        decode(base64.b64decode(payload["image"], validate=True), ckpt.preprocessing, max_pixels=MAX_PIXELS)
         return JSONResponse(answer)
 
     @app.get("/health")

@@ -17,26 +17,25 @@ from __future__ import annotations
 import litserve as ls
 import torch
 
-from benchmarks.peers.common import arguments, classify, decode_b64, load, warmup
+from benchmarks.peers.common import Engine, arguments
 
 
 class PuppetLitAPI(ls.LitAPI):
-    def __init__(self, checkpoint: str, **kwargs):
+    def __init__(self, checkpoint: str, backend: str, onnx_dir: str | None, **kwargs):
         super().__init__(**kwargs)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.backend, self.onnx_dir = checkpoint, backend, onnx_dir
 
     def setup(self, device):
-        self.ckpt = load(self.checkpoint)  # also torch.set_num_threads(1), in this worker process
-        warmup(self.ckpt)
+        self.engine = Engine(self.checkpoint, self.backend, self.onnx_dir)  # one torch thread, in this worker
 
     def decode_request(self, request):
-        return decode_b64(request["image"], self.ckpt)
+        return self.engine.decode_b64(request["image"])
 
     def batch(self, inputs):
         return torch.stack(inputs)
 
     def predict(self, x):
-        return classify(self.ckpt, x)
+        return self.engine.classify(x)
 
     def unbatch(self, output):
         return output
@@ -47,7 +46,6 @@ class PuppetLitAPI(ls.LitAPI):
 
 def main(argv: list[str] | None = None) -> None:
     p = arguments(__doc__.splitlines()[0])
-    p.add_argument("--max-batch-size", type=int, default=32, help="the service's PUPPET_MAX_BATCH_SIZE")
     p.add_argument(
         "--batch-timeout-ms", type=float, default=0.0, help="the service's PUPPET_MAX_QUEUE_DELAY_MS (0: never wait)"
     )
@@ -56,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     api = PuppetLitAPI(
         str(args.checkpoint),
+        args.backend,
+        str(args.onnx_dir) if args.onnx_dir else None,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout_ms / 1000,
         api_path="/classify",

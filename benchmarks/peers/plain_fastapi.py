@@ -16,20 +16,18 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from benchmarks.peers.common import arguments, classify, decode_b64, load, warmup
+from benchmarks.peers.common import Engine, arguments
 
 
 class Body(BaseModel):
     image: str
 
 
-def create_app(checkpoint, *, async_route: bool = False) -> FastAPI:
-    ckpt = load(checkpoint)
-    warmup(ckpt)
+def create_app(engine: Engine, *, async_route: bool = False) -> FastAPI:
     app = FastAPI()
 
     def run(body: Body) -> dict:
-        return classify(ckpt, decode_b64(body.image, ckpt).unsqueeze(0))[0]
+        return engine.classify(engine.decode_b64(body.image).unsqueeze(0))[0]
 
     if async_route:
 
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     p = arguments(__doc__.splitlines()[0])
     p.add_argument("--async-route", action="store_true", help="async def route: the model runs on the event loop")
     args = p.parse_args(argv)
-    app = create_app(args.checkpoint, async_route=args.async_route)
+    app = create_app(Engine(args.checkpoint, args.backend, args.onnx_dir), async_route=args.async_route)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
