@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-BENCH_VENV := .venv-bench
-BENCH_STAMP := $(BENCH_VENV)/.installed
 DEB_PACKAGES := dataset-fashion-mnist wrk prometheus
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
@@ -42,18 +40,23 @@ serve: setup
 bench: setup
 	$(PY) -m benchmarks.service_bench --out docs/benchmarks-service.json
 
-# Peer servers (LitServe) live in their own environment, never in the service's dependencies.
-bench-env: $(BENCH_STAMP)
+# Peer servers, each in its own environment (.venv-peers/<name>), never in the service's dependencies: torch (the
+# CPU wheel), the model code's few libraries (benchmarks/peers/requirements-common.txt), then the peer's own pins.
+# Triton's Python backend stub loads the system's libpython, so its environment is made from Debian's python3.11.
+PEERS := litserve ray bentoml kserve triton
+PEER_PYTHON_triton := /usr/bin/python3.11
+bench-env: $(foreach p,$(PEERS),.venv-peers/$(p)/.installed)
 
-$(BENCH_STAMP): pyproject.toml benchmarks/requirements-peers.txt
-	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r benchmarks/requirements-peers.txt
+.venv-peers/%/.installed: benchmarks/peers/requirements-%.txt benchmarks/peers/requirements-common.txt
+	test -x .venv-peers/$*/bin/python || $(or $(PEER_PYTHON_$*),$(PYTHON)) -m venv .venv-peers/$*
+	.venv-peers/$*/bin/python -m pip install --quiet torch==2.13.0
+	.venv-peers/$*/bin/python -m pip install --quiet -r benchmarks/peers/requirements-common.txt -r benchmarks/peers/requirements-$*.txt
 	touch $@
 
-# Ours (best and default configuration) against LitServe, a plain FastAPI endpoint and an HTTP ceiling.
-bench-peers: bench-env system-deps
-	$(BENCH_VENV)/bin/python -m benchmarks.service_bench --peers --out docs/benchmarks-peers.json
+# Ours (defaults, and torch) against Triton, Ray Serve, BentoML, KServe, LitServe, a plain FastAPI endpoint and an
+# HTTP ceiling: one load, systems alternating; prints the table and the ratios, writes docs/benchmarks-peers.*
+bench-peers: setup bench-env system-deps
+	$(PY) -m benchmarks.peer_bench --out docs/benchmarks-peers.json --plot docs/benchmarks-peers.png
 
 test: setup
 	$(VENV)/bin/ruff check .
@@ -78,4 +81,4 @@ evaluate: setup
 	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --threads 1 --out docs --ablation checkpoints/ablation/ode-puppeteer-3ep.safetensors checkpoints/ablation/tied-kernels-3ep.safetensors
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-peers .pytest_cache .ruff_cache *.egg-info

@@ -1,10 +1,10 @@
 """Where a request's time goes in our service under load: py-spy samples of the server, grouped by stage.
 
-    make bench-env
-    .venv-bench/bin/python -m benchmarks.profile_service --concurrency 32 --seconds 10 --set backend=onnx workers=1
+    make setup
+    .venv/bin/python -m benchmarks.profile_service --concurrency 32 --seconds 10 --set backend=onnx workers=1
 
 Starts `puppet-cnn serve` (settings as PUPPET_* key=value pairs), drives it with wrk (the JSON bodies of
-`python -m benchmarks.service_bench --peers`), samples every thread of the server with py-spy (idle samples left out; a thread
+`python -m benchmarks.peer_bench`), samples every thread of the server with py-spy (idle samples left out; a thread
 inside onnxruntime or torch counts as active) and prints, per thread, the share of samples in each stage: HTTP (uvicorn,
 Starlette/FastAPI routing and middleware), body parsing (JSON, base64), decode (Pillow, resize, normalise),
 complexity, batching and queue, the model, response encoding (top-k, JSON), metrics and logging.

@@ -93,6 +93,37 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
     return samples
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) used so far by `root`, its descendants, and whatever else runs in its session: a
+    server's whole footprint, however it spreads its work (worker processes, an inference server it spawns)."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        # after the command: state, ppid, pgrp, session, ..., utime (11), stime (12)
+        stats[int(entry)] = (int(fields[1]), int(fields[3]), int(fields[11]) + int(fields[12]))
+    session = stats.get(root, (0, -1, 0))[1]
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    mine, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats and pid not in mine:
+            mine.add(pid)
+            todo += children.get(pid, [])
+    mine |= {pid for pid, (_, sid, _) in stats.items() if sid == session and session > 1 and session != os.getsid(0)}
+    return sum(stats[pid][2] for pid in mine) / _TICK
+
+
 class ServerProcess:
     """Starts the server and returns once /health/ready answers 200: HTTP on `port` (`url`), gRPC on `grpc_port`
     (`grpc_target`), both free loopback ports unless `settings` set them.

@@ -4,10 +4,7 @@ Every configuration runs as its own `puppet-cnn serve` process (started once, id
 measured); runs alternate configuration by configuration at each concurrency (A B C A B C ...) so drift
 on a noisy machine cancels. Requests cycle through real Fashion-MNIST test images.
 
-`--peers` puts the service (best and default configuration) beside peer servers that serve the same
-checkpoint (benchmarks/peers/: LitServe with its batching, a plain FastAPI endpoint, an HTTP ceiling), all
-with the same JSON body {"image": "<base64 png>"}. The peers run from .venv-bench (make bench-env); nothing
-here imports them.
+The same harness measures peer serving systems (`python -m benchmarks.peer_bench`, `make bench-peers`).
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.server_process import SERVER_ENV, ServerProcess, free_port, metric_samples, wait_ready
+from benchmarks.server_process import SERVER_ENV, ServerProcess, free_port, metric_samples, tree_cpu_seconds, wait_ready
 from service.settings import SHIPPED_CHECKPOINT
 
 WRK_SCRIPT = """
@@ -55,17 +52,24 @@ end
 """
 
 
-# Request bodies: the raw PNG, or JSON {"image": "<base64 png>"} (what every peer accepts too).
-BODIES = {"png": ("png", "image/png"), "json": ("json", "application/json")}
+# Request bodies, one file per image in each format: the raw PNG; JSON {"image": "<base64 png>"} (what most peers
+# take too); the Open Inference Protocol's JSON with the base64 PNG as a BYTES input (Triton's own HTTP protocol).
+BODIES = {
+    "png": ("png", "image/png"),
+    "json": ("json", "application/json"),
+    "triton": ("triton.json", "application/json"),
+}
 
 
 @dataclass
 class System:
     """One server: our service with PUPPET_* settings, or a peer (`peer` = module and arguments, run with
-    `python -m` from the repository root, given `--port`), and the query string its requests carry.
+    `python -m` from the repository root by `python`, given `--port`), and what its requests look like.
 
     `pause_when_idle`: stop the peer's processes (SIGSTOP) while the others are measured, for a peer that
     burns CPU when idle (LitServe's batch loop polls its queue without sleeping when batch_timeout is 0).
+    `body`: the request body's format (BODIES), None for the run's default; `path` and `health`: where it
+    classifies and where it says it is ready (a peer's own protocol may put them elsewhere).
     """
 
     name: str
@@ -73,6 +77,10 @@ class System:
     query: str = ""
     peer: list[str] | None = None
     pause_when_idle: bool = False
+    python: str | None = None
+    path: str = "/classify"
+    body: str | None = None
+    health: str = "/health"
 
 
 class Server(ServerProcess):
@@ -91,22 +99,31 @@ class PeerProcess:
     server, inference worker and queue manager).
     """
 
-    def __init__(self, peer: list[str], *, env: dict[str, str], timeout: float = 180.0):
+    def __init__(
+        self,
+        peer: list[str],
+        *,
+        env: dict[str, str],
+        python: str | None = None,
+        health: str = "/health",
+        timeout: float = 300.0,
+    ):
         if not (REPO / "benchmarks" / "peers").is_dir():
             raise ValueError(f"the peer servers are not here: {REPO / 'benchmarks' / 'peers'} (a source checkout)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", *peer, "--port", str(self.port)],
+            [python or sys.executable, "-m", *peer, "--port", str(self.port)],
             cwd=REPO,
-            env={**os.environ, **env},
+            # the model code comes from this source tree, never installed in a peer's environment
+            env={**os.environ, **env, "PYTHONPATH": str(REPO)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
         )
-        if wait_ready(self.url + "/health", timeout, running=lambda: self.proc.poll() is None):
+        if wait_ready(self.url + health, timeout, running=lambda: self.proc.poll() is None):
             return
         if self.proc.poll() is not None:
             self._signal(signal.SIGKILL)
@@ -144,11 +161,13 @@ class PeerProcess:
 
 
 def start(s: System) -> Server | PeerProcess:
-    return PeerProcess(s.peer, env=SERVER_ENV) if s.peer else Server(s.settings)
+    if s.peer:
+        return PeerProcess(s.peer, env=SERVER_ENV, python=s.python, health=s.health)
+    return Server(s.settings)
 
 
 def write_images(n: int, folder: Path) -> list[Path]:
-    """n test images as PNG files, and beside each the same image as a JSON body {"image": base64}."""
+    """n test images as PNG files, and beside each the same image in every JSON body of BODIES."""
     from model import load_dataset
     from model.data import encode_png
 
@@ -158,7 +177,10 @@ def write_images(n: int, folder: Path) -> list[Path]:
         p = folder / f"{i:05d}.png"
         png = encode_png(img)
         p.write_bytes(png)
-        p.with_suffix(".json").write_text(json.dumps({"image": base64.b64encode(png).decode("ascii")}))
+        text = base64.b64encode(png).decode("ascii")
+        p.with_suffix(".json").write_text(json.dumps({"image": text}))
+        triton = {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
+        p.with_suffix(".triton.json").write_text(json.dumps(triton))
         paths.append(p)
     return paths
 
@@ -200,6 +222,7 @@ def bench(
     warmup_s: int = 2,
     body: str = "png",
 ) -> dict:
+    systems = list(systems)
     if shutil.which("wrk") is None:
         raise ValueError("wrk is not installed: apt-get install wrk (make bench does it when run as root)")
     results: dict = {s.name: {} for s in systems}
@@ -217,7 +240,11 @@ def bench(
                 time.sleep(0.2)  # let its processes get scheduled again before the clock starts
             try:
                 degraded = None if s.peer else _degraded(server.url)
-                r = run_wrk(f"{server.url}/classify{s.query}", c, secs, script, images, body)
+                cpu = tree_cpu_seconds(server.proc.pid)
+                r = run_wrk(f"{server.url}{s.path}{s.query}", c, secs, script, images, s.body or body)
+                r["cpu_cores"] = (tree_cpu_seconds(server.proc.pid) - cpu) / r[
+                    "seconds"
+                ]  # the server's, all its processes
                 if degraded is not None:  # ours: answers capped to the degrade depth under load (less work)
                     r["degraded"] = _degraded(server.url) - degraded
             finally:
@@ -226,8 +253,16 @@ def bench(
             return r
 
         try:
-            for s in systems:
-                servers[s.name] = start(s)
+            for s in list(systems):
+                try:
+                    servers[s.name] = start(s)
+                except RuntimeError as e:  # a peer that cannot run here: said why, measured without it
+                    if not s.peer:
+                        raise
+                    print(f"  {s.name}: not run: {e}", flush=True)
+                    results[s.name] = {"error": str(e)[-2000:]}
+                    systems.remove(s)
+                    continue
                 if s.pause_when_idle:
                     servers[s.name].pause()
             for c in concurrencies:
@@ -239,7 +274,8 @@ def bench(
                         r = measure(s, c, seconds)
                         runs[s.name].append(r)
                         print(
-                            f"  c={c:<3} {s.name:<24} {r['rps']:8.1f} req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  non-2xx {r['non2xx']}  errors {r['errors']}",
+                            f"  c={c:<3} {s.name:<32} {r['rps']:8.1f} req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  "
+                            f"cpu {r['cpu_cores']:4.2f}  non-2xx {r['non2xx']}  errors {r['errors']}",
                             flush=True,
                         )
                 for s in systems:
@@ -249,6 +285,7 @@ def bench(
                         "p50_ms": statistics.median(r["p50"] for r in rs),
                         "p95_ms": statistics.median(r["p95"] for r in rs),
                         "p99_ms": statistics.median(r["p99"] for r in rs),
+                        "cpu_cores": statistics.median(r["cpu_cores"] for r in rs),
                         "non2xx": sum(r["non2xx"] for r in rs),
                         "errors": sum(r["errors"] for r in rs),
                         "runs": len(rs),
@@ -292,183 +329,23 @@ COMMON = {"degrade_under_load": "false", "max_queue": "4096", "request_deadline_
 
 
 def render(report: dict) -> str:
-    res = report["results"]
+    res = {name: r for name, r in report["results"].items() if "error" not in r}
     names = list(res)
     concs = sorted({c for r in res.values() for c in r}, key=int)
     lines = [
-        "| system | concurrency | req/s | p50 ms | p95 ms | p99 ms | non-2xx | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | concurrency | req/s | p50 ms | p95 ms | p99 ms | server CPU (cores) | non-2xx | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in concs:
         for n in names:
             r = res[n][c]
             lines.append(
-                f"| {n} | {c} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['non2xx']} | {r['errors']} |"
+                f"| {n} | {c} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r.get('cpu_cores', float('nan')):.2f} | {r['non2xx']} | {r['errors']} |"
             )
-    if "peer_ratios" in report:
-        lines += ["", render_peer_ratios(report)]
     return "\n".join(lines)
-
-
-# -- ours against peers (--peers) ------------------------------------------------------------------------
-
-BEST, DEFAULT = "ours: onnx, batching (best)", "ours: defaults (torch)"
-LITSERVE, LITSERVE2 = "litserve: batching", "litserve: batching, 2 workers"
-PLAIN, CEILING = "plain fastapi: per request", "ceiling: decode, constant"
-# issue 6, at concurrency 32 on the 2-core CPU
-PEER_TARGETS = {
-    "vs_litserve_throughput": 1.5,
-    "vs_litserve_p99": 1.0,
-    "vs_plain_throughput": 3.0,
-    "vs_ceiling_throughput": 0.6,
-}
-PEER_RATIO_LABELS = {
-    "vs_litserve_throughput": "/ LitServe, throughput (target ≥ 1.5× at c=32)",
-    "vs_litserve_p99": "/ LitServe, p99 (target ≤ 1 at c=32)",
-    "vs_plain_throughput": "/ plain FastAPI, throughput (target ≥ 3× at c=32)",
-    "vs_ceiling_throughput": "/ ceiling, throughput (target ≥ 0.6 at c=32)",
-}
-
-
-def peer_systems(*, max_batch_size: int = 32, litserve_batch_timeout_ms: float = 0.0) -> list[System]:
-    """Ours twice, then the peers; every system gets the same JSON body.
-
-    Best: the onnx backend with batching, the fastest configuration in docs/benchmarks.md at every
-    concurrency, and degrade-under-load off so that every answer does the same work as the peers' (the
-    measured `onnx: batching, auto depth` system of `make bench`). Default: no PUPPET_* setting at all.
-    Both run one worker process per core (PUPPET_WORKERS=0, auto), so LitServe runs twice: with its default
-    single inference worker, and with one per core (workers_per_device=2); ours is compared with the faster.
-    """
-    litserve = [
-        "benchmarks.peers.litserve_server",
-        "--max-batch-size",
-        str(max_batch_size),
-        "--batch-timeout-ms",
-        str(litserve_batch_timeout_ms),
-    ]
-    return [
-        System(BEST, {**COMMON, "backend": "onnx", "max_batch_size": str(max_batch_size)}),
-        System(DEFAULT, {}),
-        # its batch loop polls the request queue nonstop, even with nothing to do: paused while others run
-        System(LITSERVE, peer=litserve, pause_when_idle=True),
-        System(LITSERVE2, peer=[*litserve, "--workers", "2"], pause_when_idle=True),
-        System(PLAIN, peer=["benchmarks.peers.plain_fastapi"]),
-        System(CEILING, peer=["benchmarks.peers.ceiling"]),
-    ]
-
-
-def peer_ratios(results: dict, concurrencies: list[int]) -> dict:
-    ratios = {}
-    for ours in (BEST, DEFAULT):
-        for c in concurrencies:
-            o, plain, ceiling = (results[n][c] for n in (ours, PLAIN, CEILING))
-            ls_name = max((n for n in (LITSERVE, LITSERVE2) if n in results), key=lambda n: results[n][c]["rps"])
-            ls = results[ls_name][c]  # the faster LitServe configuration at this concurrency
-            ratios[f"{ours} c={c}"] = {
-                "litserve_compared": ls_name,
-                "vs_litserve_throughput": o["rps"] / ls["rps"] if ls["rps"] else None,
-                "vs_litserve_p99": o["p99_ms"] / ls["p99_ms"] if ls["p99_ms"] else None,
-                "vs_plain_throughput": o["rps"] / plain["rps"] if plain["rps"] else None,
-                "vs_ceiling_throughput": o["rps"] / ceiling["rps"] if ceiling["rps"] else None,
-            }
-    return ratios
-
-
-def peer_targets(ratios: dict, concurrency: int = 32) -> dict:
-    """Whether each configuration meets the issue's targets at concurrency 32 (absent if 32 was not run)."""
-    out = {}
-    for ours in (BEST, DEFAULT):
-        r = ratios.get(f"{ours} c={concurrency}")
-        if r is None:
-            continue
-        out[ours] = {
-            k: {
-                "ratio": r[k],
-                "target": t,
-                "met": r[k] is not None and (r[k] <= t if k == "vs_litserve_p99" else r[k] >= t),
-            }
-            for k, t in PEER_TARGETS.items()
-        }
-    return out
-
-
-def render_peer_ratios(report: dict) -> str:
-    ratios = report["peer_ratios"]
-    concs = report["concurrencies"]
-    lines = ["| | " + " | ".join(f"c={c}" for c in concs) + " |", "|---" * (len(concs) + 1) + "|"]
-    for ours in (BEST, DEFAULT):
-        for key, label in PEER_RATIO_LABELS.items():
-            cells = []
-            for c in concs:
-                v = ratios[f"{ours} c={c}"][key]
-                cells.append("—" if v is None else f"{v:.2f}")
-            lines.append(f"| {ours} {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in ("litserve", "fastapi", "starlette", "uvicorn", "uvloop", "httptools", "torch", "onnxruntime"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def main_peers(args) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("litserve") is None:
-        raise ValueError(
-            "litserve is not installed in this environment: run `make bench-env`, then "
-            "`.venv-bench/bin/python -m benchmarks.service_bench --peers` (or `make bench-peers`)"
-        )
-    systems = peer_systems(litserve_batch_timeout_ms=args.litserve_batch_timeout_ms)
-    report = bench(systems, args.concurrency, seconds=args.seconds, repeats=args.repeats, body="json")
-    report["concurrencies"] = list(args.concurrency)
-    report["systems"] = {
-        s.name: {"settings": {f"PUPPET_{k.upper()}": v for k, v in s.settings.items()}}
-        if not s.peer
-        else {"peer": s.peer, "paused_while_others_run": s.pause_when_idle}
-        for s in systems
-    }
-    report["litserve"] = {
-        "max_batch_size": 32,
-        "batch_timeout_s": args.litserve_batch_timeout_ms / 1000,
-        "accelerator": "cpu",
-        "workers_per_device": [1, 2],
-        "num_api_servers": "LitServe's default",
-        "fast_queue": False,
-        "torch_threads": 1,
-    }
-    report["versions"] = _versions()
-    report["server_env"] = SERVER_ENV
-    report["peer_ratios"] = peer_ratios(report["results"], list(args.concurrency))
-    report["peer_targets"] = peer_targets(report["peer_ratios"])
-    print(render(report))
-    for ours, checks in report["peer_targets"].items():
-        print(
-            f"c=32 {ours}: "
-            + ", ".join(
-                f"{k} {v['ratio']:.2f} ({'met' if v['met'] else 'missed'})"
-                for k, v in checks.items()
-                if v["ratio"] is not None
-            )
-        )
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return 0
 
 
 def main(args) -> int:
-    if getattr(args, "peers", False):
-        if args.out == "docs/benchmarks-service.json":
-            args.out = "docs/benchmarks-peers.json"
-        return main_peers(args)
     if args.models:
         report = bench_models(args.checkpoint)
         print(render_models(report))
@@ -589,7 +466,7 @@ def render_models(report: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.service_bench",
-        description="bounded wrk load on loopback: batching on/off, auto depth vs max depth; --models, --peers",
+        description="bounded wrk load on loopback: batching on/off, auto depth vs max depth; --models",
     )
     p.add_argument(
         "--concurrency", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 8, 32, 64), help="e.g. 1,8,32"
@@ -602,18 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", action="store_true", help="model only: torch eager vs onnxruntime per depth and batch size"
     )
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT), help="for --models")
-    p.add_argument(
-        "--peers",
-        action="store_true",
-        help="ours (best and default configuration) against LitServe, a plain FastAPI endpoint and an HTTP ceiling "
-        "(run from .venv-bench: make bench-env); writes docs/benchmarks-peers.json unless --out is given",
-    )
-    p.add_argument(
-        "--litserve-batch-timeout-ms",
-        type=float,
-        default=0.0,
-        help="for --peers: LitServe's batch_timeout (0, as our PUPPET_MAX_QUEUE_DELAY_MS default: never wait)",
-    )
     return p
 
 

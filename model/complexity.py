@@ -2,20 +2,76 @@
 
 E is the Shannon entropy (bits) of a 256-bin intensity histogram, computed per channel and averaged;
 Y is the Sobel gradient magnitude of the image, quantised to 256 bins over its full possible range.
-The paper leaves Y undefined; docs/design.md records this choice. Everything here is batched and runs on
-whatever device the images are on.
+The paper leaves Y undefined; docs/design.md records this choice.
+
+H is defined on 8-bit levels and computed exactly: the Sobel filter in integers on the levels, the magnitude's
+bin from its integer square (a table: the nearest level, a tie to the even one), the entropy from a table of
+n·log2(n) over the pixel counts. So an image has one H on every machine, whatever the device or the BLAS (with
+floating-point convolutions, the gradient of a smooth region falls exactly between two bins, and the bin it got
+depended on the order of summation). It runs in numpy on the CPU: for a 28×28 image it is one small pass, where
+a chain of torch operators cost 0.9 ms per image (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 BINS = 256
 # Largest Sobel magnitude of an image in [0, 1]: |gx| and |gy| are each at most 4.
 _MAX_SOBEL = 4.0 * math.sqrt(2.0)
+# On levels 0..255, |gx| and |gy| are each at most 4 * 255: the squared magnitude is at most this
+_MAX_SQUARED = 2 * (4 * 255) ** 2
+
+
+@cache
+def _n_log2_n(pixels: int) -> np.ndarray:
+    """n * log2(n) for n = 0..pixels (0 for n = 0)."""
+    n = np.arange(pixels + 1, dtype=np.float64)
+    out = np.zeros(pixels + 1)
+    out[1:] = n[1:] * np.log2(n[1:])
+    return out
+
+
+@cache
+def _magnitude_bins() -> np.ndarray:
+    """The gradient bin of each squared magnitude m of a Sobel filter on levels: the bin is the magnitude over
+    the full range, round(sqrt(m) / 255 / _MAX_SOBEL * 255) = round(sqrt(m / 32)), taken exactly in integers:
+    the largest L with 32 (L - 1/2)^2 <= m, i.e. 8 (2L - 1)^2 <= m; a tie (equality) goes to the even
+    neighbour, as torch.round and numpy.rint do."""
+    m = np.arange(_MAX_SQUARED + 1, dtype=np.int64)
+    bins = np.floor(np.sqrt(m / 32.0) + 0.5).astype(np.int64)  # nearly right; made exact below
+    bins += 8 * (2 * bins + 1) ** 2 <= m
+    bins -= 8 * (2 * bins - 1) ** 2 > m
+    bins -= (8 * (2 * bins - 1) ** 2 == m) & (bins % 2 == 1)  # a tie between L - 1 and L: the even one
+    return np.clip(bins, 0, BINS - 1).astype(np.uint8)
+
+
+def _levels(images: torch.Tensor) -> np.ndarray:
+    """uint8 levels (B, C, H, W) as a numpy array on the CPU: uint8 as they are, intensities in [0, 1] rounded
+    to the nearest of 256 levels."""
+    if images.ndim != 4:
+        raise ValueError(f"complexity expects a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        images = to_levels(images, 1.0)
+    return images.detach().cpu().numpy()
+
+
+def _entropy_rows(levels: np.ndarray) -> np.ndarray:
+    """Entropy in bits of each row's 256-bin histogram: (R, P) levels -> (R,) float64. One bincount for all rows
+    (each owns 256 consecutive bins); with p = n / P, -sum p log2 p = log2 P - sum n log2 n / P."""
+    rows, pixels = levels.shape
+    offsets = np.arange(rows, dtype=np.int64)[:, None] * BINS
+    counts = np.bincount((levels + offsets).ravel(), minlength=rows * BINS).reshape(rows, BINS)
+    return math.log2(pixels) - _n_log2_n(pixels)[counts].sum(axis=1) / pixels
+
+
+def _channel_mean_entropy(levels: np.ndarray) -> np.ndarray:
+    b, c = levels.shape[:2]
+    return _entropy_rows(levels.reshape(b * c, -1).astype(np.int64)).reshape(b, c).mean(axis=1)
 
 
 def histogram_entropy(levels: torch.Tensor) -> torch.Tensor:
@@ -25,31 +81,23 @@ def histogram_entropy(levels: torch.Tensor) -> torch.Tensor:
         levels: integer levels in [0, 255], shape (B, C, H, W).
 
     Returns:
-        Entropy per image, shape (B,).
+        Entropy per image, shape (B,), float32.
     """
-    b, c = levels.shape[:2]
-    # One bincount for the whole batch: every (image, channel) pair owns 256 consecutive bins.
-    offsets = torch.arange(b * c, device=levels.device).view(b, c, 1, 1) * BINS
-    counts = torch.bincount((levels.long() + offsets).flatten(), minlength=b * c * BINS)
-    counts = counts.view(b, c, BINS).to(torch.float64)
-    p = counts / counts.sum(dim=-1, keepdim=True)
-    plogp = torch.where(p > 0, p * torch.log2(p.clamp_min(1e-300)), torch.zeros_like(p))
-    return (-plogp.sum(dim=-1)).mean(dim=1).to(torch.float32)
+    return torch.from_numpy(_channel_mean_entropy(_levels(levels)).astype(np.float32))
 
 
-def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
-    """Sobel gradient magnitude per channel, replicate-padded so a constant image gives zero.
-
-    Args:
-        images: intensities in [0, 1], shape (B, C, H, W).
-    """
-    c = images.shape[1]
-    gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=images.device)
-    kernels = torch.stack([gx, gx.t()]).unsqueeze(1).repeat(c, 1, 1, 1)  # (2C, 1, 3, 3)
-    padded = F.pad(images.float(), (1, 1, 1, 1), mode="replicate")
-    grads = F.conv2d(padded, kernels, groups=c)  # (B, 2C, H, W): gx, gy per channel
-    grads = grads.view(images.shape[0], c, 2, *images.shape[2:])
-    return grads.pow(2).sum(dim=2).sqrt()
+def sobel_levels(levels: np.ndarray) -> np.ndarray:
+    """The Sobel gradient magnitude of each channel, replicate-padded (a constant image gives zero), quantised to
+    256 bins over its full range: uint8 (B, C, H, W) in, uint8 (B, C, H, W) out, exact."""
+    p = np.pad(levels.astype(np.int32), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    left, right = p[..., :-2], p[..., 2:]
+    gx = (right[..., :-2, :] - left[..., :-2, :]) + 2 * (right[..., 1:-1, :] - left[..., 1:-1, :])
+    gx += right[..., 2:, :] - left[..., 2:, :]
+    top, bottom = p[..., :-2, :], p[..., 2:, :]
+    gy = (
+        (bottom[..., :-2] - top[..., :-2]) + 2 * (bottom[..., 1:-1] - top[..., 1:-1]) + (bottom[..., 2:] - top[..., 2:])
+    )
+    return _magnitude_bins()[gx * gx + gy * gy]
 
 
 def to_levels(values: torch.Tensor, max_value: float) -> torch.Tensor:
@@ -61,19 +109,12 @@ def complexity(images: torch.Tensor) -> torch.Tensor:
     """H(x) in bits for a batch of images.
 
     Args:
-        images: raw intensities in [0, 1] (before mean/std normalisation), shape (B, C, H, W),
-            or uint8 levels 0..255.
+        images: uint8 levels 0..255, or intensities in [0, 1] (before mean/std normalisation, rounded to the
+            nearest level), shape (B, C, H, W), on any device.
 
     Returns:
-        Complexity per image, shape (B,), between 0 (constant image) and 8.
+        Complexity per image, shape (B,), float32 on the CPU, between 0 (constant image) and 8.
     """
-    if images.ndim != 4:
-        raise ValueError(f"complexity expects a (B, C, H, W) batch, got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        levels = images
-        images = images.float() / 255.0
-    else:
-        levels = to_levels(images, 1.0)
-    e_image = histogram_entropy(levels)
-    e_grad = histogram_entropy(to_levels(sobel_magnitude(images), _MAX_SOBEL))
-    return 0.5 * e_image + 0.5 * e_grad
+    levels = _levels(images)
+    h = 0.5 * _channel_mean_entropy(levels) + 0.5 * _channel_mean_entropy(sobel_levels(levels))
+    return torch.from_numpy(h.astype(np.float32))

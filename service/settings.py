@@ -28,7 +28,11 @@ class Settings(BaseSettings):
         le=65535,
         description="the Open Inference Protocol's gRPC service (inference.GRPCInferenceService; 8001 as Triton's); 0 = off",
     )
-    backend: Literal["torch", "onnx"] = Field("torch", description="torch, or onnx (onnxruntime, one graph per depth)")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="auto (onnx on the CPU, where it served 1.15-1.9x torch's requests; torch on a GPU), torch, or "
+        "onnx (onnxruntime, one graph per depth)",
+    )
     onnx_dir: Path | None = Field(
         None, description="a pre-built export (puppet-cnn export-onnx); refused if stale or corrupt"
     )
@@ -115,6 +119,14 @@ class Settings(BaseSettings):
         if self.max_request_pixels < self.max_pixels:
             raise ValueError(
                 f"max_request_pixels ({self.max_request_pixels:,}) must be at least max_pixels ({self.max_pixels:,})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kernel_cache_is_torchs(self) -> Settings:
+        if not self.kernel_cache and self.backend == "onnx":
+            raise ValueError(
+                "kernel_cache=false regenerates torch's kernels per batch; the onnx backend has them folded in its graphs"
             )
         return self
 

@@ -65,8 +65,16 @@ class ServiceState:
         metrics.READY.set(1 if self.serving else 0)
 
 
+def backend_name(s: Settings, device: torch.device) -> str:
+    """`auto` is onnxruntime on the CPU, where it measured faster (docs/benchmarks.md), and torch on a GPU, or
+    where the kernel cache is off (a measurement of what regenerating torch's kernels per batch costs)."""
+    if s.backend != "auto":
+        return s.backend
+    return "torch" if device.type == "cuda" or not s.kernel_cache else "onnx"
+
+
 def make_backend(s: Settings, ckpt: Checkpoint, device: torch.device) -> Backend:
-    if s.backend == "torch":
+    if backend_name(s, device) == "torch":
         return TorchBackend(ckpt, device, kernel_cache=s.kernel_cache)
     if s.onnx_dir is not None:  # supplied pre-built: serve it only if it matches this checkpoint
         files = verified_export(ckpt, s.onnx_dir)

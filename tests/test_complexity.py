@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model.complexity import complexity, histogram_entropy, sobel_magnitude
+from model.complexity import complexity, histogram_entropy, sobel_levels
 
 
 def test_constant_image_has_zero_complexity():
@@ -49,10 +49,33 @@ def test_float_and_uint8_inputs_agree_and_batching_does_not_change_results():
         torch.testing.assert_close(complexity(u8[i : i + 1]), batched[i : i + 1])
 
 
-def test_sobel_of_a_ramp_is_constant_inside():
-    ramp = torch.linspace(0, 1, 10).repeat(10, 1).view(1, 1, 10, 10)
-    mag = sobel_magnitude(ramp)[0, 0, 1:-1, 1:-1]
-    torch.testing.assert_close(mag, torch.full_like(mag, 8 / 9), rtol=1e-5, atol=1e-6)
+def test_sobel_of_a_ramp_is_exact_inside():
+    """A ramp of 10 levels a column: inside, gx = (1 + 2 + 1) * 20 = 80 and gy = 0, so the magnitude is 80 levels,
+    80 / 255 in intensity, and its bin round(80 / 255 / (4 sqrt 2) * 255) = round(14.14) = 14."""
+    ramp = (torch.arange(10, dtype=torch.uint8) * 10).repeat(10, 1).view(1, 1, 10, 10)
+    bins = sobel_levels(ramp.numpy())[0, 0]
+    assert (bins[1:-1, 1:-1] == 14).all()
+    assert (bins[:, 0] == round(4 * 10 / (4 * math.sqrt(2)))).all()  # replicate padding: half the step at the edge
+
+
+def test_a_tie_between_two_bins_goes_to_the_even_one():
+    """gx = gy = 2 (a smooth region) puts the magnitude exactly half-way between bins 0 and 1: sqrt(8) / (4 sqrt 2)
+    = 0.5. Exact integer arithmetic sends it to 0 every time, as round-half-even does (floating-point
+    convolutions sent it either way, depending on the order of summation)."""
+    img = torch.zeros(1, 1, 3, 3, dtype=torch.uint8)
+    img[0, 0, 2, 2] = 2  # at the centre: gx = gy = 2
+    assert sobel_levels(img.numpy())[0, 0, 1, 1] == 0
+    img[0, 0, 2, 2] = 6  # gx = gy = 6: sqrt(72) / (4 sqrt 2) = 1.5, half-way between 1 and 2: the even one
+    assert sobel_levels(img.numpy())[0, 0, 1, 1] == 2
+
+
+def test_the_same_image_has_the_same_complexity_alone_or_in_a_batch():
+    g = torch.Generator().manual_seed(2)
+    u8 = torch.randint(0, 256, (7, 3, 20, 20), generator=g, dtype=torch.uint8)
+    h = complexity(u8)
+    assert h.dtype == torch.float32 and h.shape == (7,)
+    for i in range(7):
+        assert complexity(u8[i : i + 1]).item() == h[i].item()  # bit for bit
 
 
 def test_rejects_a_non_batch():

@@ -9,7 +9,7 @@ queued and never waits). torch runs one intra-op thread inside the worker, as th
     python -m benchmarks.peers.litserve_server --port 8001
 
 POST /classify with JSON {"image": "<base64 png>"}; GET /health is 200 once the worker is ready.
-Run from the repository root in .venv-bench (make bench-env); litserve is not a dependency of the service.
+Run from the repository root in .venv-peers/litserve (make bench-env); litserve is not a dependency of the service.
 """
 
 from __future__ import annotations
