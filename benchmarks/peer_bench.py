@@ -63,7 +63,13 @@ def peer_systems(onnx_dir: Path) -> list[System]:
         ),
         System(RAY, peer=["benchmarks.peers.ray_serve_server", *onnx], python=_venv_python("ray")),
         System(BENTOML, peer=["benchmarks.peers.bentoml_server", *onnx], python=_venv_python("bentoml")),
-        System(KSERVE, peer=["benchmarks.peers.kserve_server", *onnx], python=_venv_python("kserve")),
+        System(
+            KSERVE,
+            peer=["benchmarks.peers.kserve_server", *onnx],
+            python=_venv_python("kserve"),
+            path="/v1/models/puppet:predict",  # KServe's v1 protocol hands the JSON body to predict as it is
+            health="/v1/models/puppet",
+        ),
         # its batch loop polls the request queue nonstop, even with nothing to do: paused while others run
         System(
             LITSERVE,

@@ -60,6 +60,8 @@ class Engine:
             self.backend = TorchBackend(self.ckpt, cpu)
             self.backend.generate_kernels()
         self.backend.warmup(batch_sizes=(1, 8, MAX_BATCH_SIZE))
+        pre = self.ckpt.preprocessing  # and complexity, whose lookup tables are built on first use
+        self.backend.complexity(torch.zeros(1, pre.channels, pre.image_size, pre.image_size, dtype=torch.uint8))
 
     def decode_b64(self, text: str | bytes) -> torch.Tensor:
         """A base64 PNG (the JSON body's "image") -> uint8 (C, H, W) at the checkpoint's input size."""
