@@ -62,7 +62,13 @@ def peer_systems(onnx_dir: Path) -> list[System]:
             health="/v2/health/ready",
         ),
         System(RAY, peer=["benchmarks.peers.ray_serve_server", *onnx], python=_venv_python("ray")),
-        System(BENTOML, peer=["benchmarks.peers.bentoml_server", *onnx], python=_venv_python("bentoml")),
+        System(
+            BENTOML,
+            peer=["benchmarks.peers.bentoml_server", *onnx],
+            python=_venv_python("bentoml"),
+            body="bentoml",  # {"images": [base64]}: a batchable endpoint's one list parameter
+            health="/readyz",
+        ),
         System(
             KSERVE,
             peer=["benchmarks.peers.kserve_server", *onnx],

@@ -53,11 +53,13 @@ end
 
 
 # Request bodies, one file per image in each format: the raw PNG; JSON {"image": "<base64 png>"} (what most peers
-# take too); the Open Inference Protocol's JSON with the base64 PNG as a BYTES input (Triton's own HTTP protocol).
+# take too); the Open Inference Protocol's JSON with the base64 PNG as a BYTES input (Triton's own HTTP protocol);
+# a list of one (a batchable BentoML endpoint takes one list parameter).
 BODIES = {
     "png": ("png", "image/png"),
     "json": ("json", "application/json"),
     "triton": ("triton.json", "application/json"),
+    "bentoml": ("bentoml.json", "application/json"),
 }
 
 
@@ -181,6 +183,7 @@ def write_images(n: int, folder: Path) -> list[Path]:
         p.with_suffix(".json").write_text(json.dumps({"image": text}))
         triton = {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
         p.with_suffix(".triton.json").write_text(json.dumps(triton))
+        p.with_suffix(".bentoml.json").write_text(json.dumps({"images": [text]}))
         paths.append(p)
     return paths
 
