@@ -8,7 +8,7 @@ DEB_PACKAGES := dataset-fashion-mnist wrk prometheus
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
 
-.PHONY: setup system-deps test test-slow lint serve bench bench-env bench-peers train train-twin evaluate clean
+.PHONY: setup system-deps bench-system-deps test test-slow lint serve bench bench-env bench-peers train train-twin evaluate clean
 
 setup: $(STAMP) system-deps
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # Debian packages the tests need: installed when root, otherwise named so a person can install them.
 system-deps:
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(DEB_PACKAGES) $(EXTRA_DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages: $$missing"; \
@@ -45,13 +45,19 @@ bench: setup
 # Triton's Python backend stub loads the system's libpython, so its environment is made from Debian's python3.11.
 PEERS := litserve ray bentoml kserve triton
 PEER_PYTHON_triton := /usr/bin/python3.11
-bench-env: $(foreach p,$(PEERS),.venv-peers/$(p)/.installed)
+bench-env: bench-system-deps $(foreach p,$(PEERS),.venv-peers/$(p)/.installed)
 
+# Two pip calls after torch: a peer's own pins may override a common one (PyTriton 0.7.0 needs numpy < 2).
 .venv-peers/%/.installed: benchmarks/peers/requirements-%.txt benchmarks/peers/requirements-common.txt
 	test -x .venv-peers/$*/bin/python || $(or $(PEER_PYTHON_$*),$(PYTHON)) -m venv .venv-peers/$*
 	.venv-peers/$*/bin/python -m pip install --quiet torch==2.13.0
-	.venv-peers/$*/bin/python -m pip install --quiet -r benchmarks/peers/requirements-common.txt -r benchmarks/peers/requirements-$*.txt
+	.venv-peers/$*/bin/python -m pip install --quiet -r benchmarks/peers/requirements-common.txt
+	.venv-peers/$*/bin/python -m pip install --quiet -r benchmarks/peers/requirements-$*.txt
 	touch $@
+
+# Debian's python3.11 with venv, and the libpython that Triton's Python backend stub loads
+bench-system-deps:
+	$(MAKE) system-deps EXTRA_DEB_PACKAGES="python3.11-venv libpython3.11"
 
 # Ours (defaults, and torch) against Triton, Ray Serve, BentoML, KServe, LitServe, a plain FastAPI endpoint and an
 # HTTP ceiling: one load, systems alternating; prints the table and the ratios, writes docs/benchmarks-peers.*

@@ -4,9 +4,11 @@ PyTriton (nvidia-pytriton) as its documentation sets it up: an inference callabl
 with `ModelConfig(max_batch_size=32, batcher=DynamicBatcher(...))`; Triton (the tritonserver binary shipped in the
 wheel) serves HTTP, forms the batches and hands them through its Python backend stub processes to the callable,
 which runs in this process. Several callables bound at once are several model instances (PyTriton's multi-instance
-inference): one Engine each, one intra-op thread each. Defaults, measured on the 2-core machine: one instance,
-no queue delay (Triton's default: batch what is queued, never wait), Triton's 8 HTTP threads; gRPC, metrics and
-the other frontends off, HTTP on 127.0.0.1 only, so that two instances can run side by side.
+inference): one Engine each, one intra-op thread each. Defaults, measured on the 2-core machine (wrk, c=1..64):
+one instance (two cost ~30-40% more CPU per request: smaller batches, one GIL), a 2 ms queue delay (Triton's
+tuning advice: start at 0, raise the delay while latency allows; 2 ms fills batches at c=8..32 for +10-30%
+throughput and a lower p99, and costs ~3 ms at c=1 — `--queue-delay-us 0` for no wait), Triton's 8 HTTP threads;
+gRPC, metrics and the other frontends off, HTTP on 127.0.0.1 only, so that two servers can run side by side.
 
     python -m benchmarks.peers.triton_server --port 8001 --backend onnx --onnx-dir DIR
 
@@ -14,7 +16,9 @@ POST /v2/models/puppet/infer (KServe v2 / Triton HTTP protocol) with JSON
     {"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": ["<base64 png>"]}]}
 answers outputs `labels` (BYTES, 5), `class_ids` (INT64, 5), `probabilities` (FP64, 5), `depth` (INT64, 1) and
 `complexity` (FP64, 1): Engine.classify's top-5, depth and complexity. GET /v2/health/ready (and
-/v2/models/puppet/ready) is 200 once the model is loaded; the engines are warmed before Triton starts.
+/v2/models/puppet/ready) is 200 once the model is loaded; the engines are warmed before Triton starts. (PyTriton
+connects its callable to the loaded model right after, polling once a second: the very first request may wait
+up to ~1.5 s for that, never fails.)
 
 Run from the repository root with PYTHONPATH at the source tree, in .venv-peers/triton, a venv made from Debian's
 /usr/bin/python3.11 (the wheel's Python backend stub loads the system's libpython3.11). SIGTERM or SIGINT stops
@@ -110,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--queue-delay-us",
         type=int,
-        default=0,
-        help="DynamicBatcher max_queue_delay_microseconds (0, Triton's default: never wait for a fuller batch)",
+        default=2000,
+        help="DynamicBatcher max_queue_delay_microseconds (Triton's default is 0: never wait for a fuller batch)",
     )
     p.add_argument(
         "--instances", type=int, default=1, help="model instances: inference callables bound, one Engine each"
