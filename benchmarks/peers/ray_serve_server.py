@@ -21,8 +21,8 @@ Ray's daemons die with this process (kernel fate-sharing), its workers with the 
     python -m benchmarks.peers.ray_serve_server --port 8003 --backend onnx --onnx-dir DIR
 
 POST /classify with JSON {"image": "<base64 png>"}; GET /health is 200 once every replica has loaded and warmed
-the model. Run from the repository root in .venv-peers/ray (requirements-ray.txt), with PYTHONPATH at the
-repository root (the replicas import the model code from it too); ray is not a dependency of the service.
+the model. Run from the repository root in .venv-peers/ray (requirements-ray.txt); the replicas import the model
+code from this source tree too (PYTHONPATH, the repository root unless set); ray is not a dependency of the service.
 """
 
 # No `from __future__ import annotations` in this module: the deployment class travels to its replicas pickled by
@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +49,7 @@ APP = "puppet"
 # Environment of every Ray process, set before ray.serve is imported (its settings are read at import) and
 # inherited by the cluster's processes.
 COMMON_ENV = {
+    "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),  # the replicas'
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage report
     # Ray starts its workers (replicas, proxies, HAProxy's manager and so HAProxy) at nice 15 so that its own
     # daemons win on a busy node; here they run at the priority of every other server in the benchmark.
@@ -59,7 +61,6 @@ INGRESS_ENV = {
     "haproxy": {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # its default 4 on two cores; it needs ~0.06 ms of CPU a request
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",  # no per-request metrics log line
     },
 }
@@ -81,6 +82,31 @@ HAPROXY_FILES = {
 }
 
 
+# The backstop for a server killed outright (SIGKILL: the harness's last resort, the OOM killer): a small process
+# in its own process group (so that a signal to the server's group spares it), reading a pipe from the server. At
+# EOF without the server's "clean" byte, it kills what still names the server's folder (HAProxy above all: Ray's
+# daemons die with the server, its workers with the raylet) and removes the folder; then it exits too.
+WATCHDOG = """
+import os, shutil, signal, sys, time
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, signal.SIG_IGN)
+if sys.stdin.buffer.read(1) == b"x":
+    sys.exit(0)
+folder = sys.argv[1].encode()
+for _ in range(3):
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if folder in f.read():
+                        os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+    time.sleep(1)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
 class Body(BaseModel):
     image: str
 
@@ -91,15 +117,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kill_leftovers(folder: str, only: str = "") -> None:
+def kill_leftovers(folder: str, only: str = "", spare: tuple[int, ...] = ()) -> None:
     """SIGKILL every process whose command line names this server's private folder (and `only`, when given).
 
     `ray.shutdown` ends HAProxy's manager actor without the call that stops HAProxy, which runs in that actor's
     process group (not this one) and would go on holding the port. The folder is this server's own, so nothing
     else matches."""
-    me, needle = os.getpid(), folder.encode()
+    spared, needle = {os.getpid(), *spare}, folder.encode()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit() or int(entry) in spared:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
@@ -185,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         env |= {key: os.path.join(tmp, name) for key, name in HAPROXY_FILES.items()}
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, tmp], stdin=subprocess.PIPE, process_group=0)
 
     import ray
     from ray import serve
@@ -225,8 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         kill_leftovers(tmp, only="haproxy")  # first: the port is free at once
         ray.shutdown()
-        kill_leftovers(tmp)
+        kill_leftovers(tmp, spare=(watchdog.pid,))
         shutil.rmtree(tmp, ignore_errors=True)
+        watchdog.stdin.write(b"x")  # all clean: the watchdog leaves at once
+        watchdog.stdin.close()
     # All this server started is gone: skip the interpreter's teardown (Ray's exit hooks would add seconds).
     sys.stdout.flush()
     sys.stderr.flush()
