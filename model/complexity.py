@@ -40,14 +40,12 @@ def _n_log2_n(pixels: int) -> np.ndarray:
 def _magnitude_bins() -> np.ndarray:
     """The gradient bin of each squared magnitude m of a Sobel filter on levels: the bin is the magnitude over
     the full range, round(sqrt(m) / 255 / _MAX_SOBEL * 255) = round(sqrt(m / 32)), taken exactly in integers:
-    the largest L with 32 (L - 1/2)^2 <= m, i.e. 8 (2L - 1)^2 <= m; a tie (equality) goes to the even
-    neighbour, as torch.round and numpy.rint do."""
-    m = np.arange(_MAX_SQUARED + 1, dtype=np.int64)
-    bins = np.floor(np.sqrt(m / 32.0) + 0.5).astype(np.int64)  # nearly right; made exact below
-    bins += 8 * (2 * bins + 1) ** 2 <= m
-    bins -= 8 * (2 * bins - 1) ** 2 > m
-    bins -= (8 * (2 * bins - 1) ** 2 == m) & (bins % 2 == 1)  # a tie between L - 1 and L: the even one
-    return np.clip(bins, 0, BINS - 1).astype(np.uint8)
+    bin L starts where 32 (L - 1/2)^2 = 8 (2L - 1)^2 <= m, so a bin is the number of thresholds at or below m. A
+    tie (m on a threshold) goes to the even neighbour, as torch.round and numpy.rint do: an odd L's threshold
+    counts only strictly above it (+1, m being an integer). Built once (about 0.1 s), looked up per pixel."""
+    bins = np.arange(1, BINS)
+    thresholds = 8 * (2 * bins - 1) ** 2 + bins % 2
+    return np.searchsorted(thresholds, np.arange(_MAX_SQUARED + 1), side="right").astype(np.uint8)
 
 
 def _levels(images: torch.Tensor) -> np.ndarray:

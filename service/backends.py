@@ -52,11 +52,6 @@ def model_input(pre: Preprocessing, images: torch.Tensor) -> torch.Tensor:
     return pre.normalise(images) if images.dtype == torch.uint8 else images.float()
 
 
-@torch.inference_mode()
-def _complexity(images: torch.Tensor) -> torch.Tensor:
-    return complexity(images)
-
-
 def _warmup(backend: Backend, pre: Preprocessing, max_depth: int, batch_sizes: tuple[int, ...]) -> float:
     t0 = time.perf_counter()
     for n in batch_sizes:
@@ -96,7 +91,7 @@ class TorchBackend:
         return time.perf_counter() - t0
 
     def complexity(self, images: torch.Tensor) -> torch.Tensor:
-        return _complexity(images)
+        return complexity(images)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, dict[int, float]]:
@@ -211,7 +206,7 @@ class OnnxBackend:
         return 0.0
 
     def complexity(self, images: torch.Tensor) -> torch.Tensor:
-        return _complexity(images)
+        return complexity(images)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> float:
         return _warmup(self, self.ckpt.preprocessing, self.max_depth, batch_sizes)
