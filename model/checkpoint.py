@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from model.depth_policy import DepthPolicy
 from model.puppet import Backbone, PuppetConfig, build_model
+from model.routers import RouterCatalog
 
 FORMAT = "puppet-cnn/1"
 _META_KEY = "puppet_cnn"
@@ -59,6 +60,15 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     path: Path | None = None
     sha256: str = ""
+    routers: RouterCatalog | None = None  # None: only the entropy table (`policy`), as before routers existed
+
+    @property
+    def catalog(self) -> RouterCatalog:
+        """The calibrated routers; for a checkpoint without them, the entropy router on its depth table."""
+        if self.routers is not None:
+            return self.routers
+        macs = tuple(self.model.macs(d) for d in range(1, self.config.max_depth + 1))
+        return RouterCatalog.from_policy(self.policy, macs)
 
     @property
     def config(self) -> PuppetConfig:
@@ -81,7 +91,7 @@ class Checkpoint:
             "dataset": self.dataset,
             "recipe": self.recipe,
             "metrics": self.metrics,
-        }
+        } | ({"routers": self.routers.to_dict()} if self.routers is not None else {})
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
@@ -138,6 +148,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             int(pre["image_size"]), int(pre["channels"]), tuple(pre["mean"]), tuple(pre["std"])
         )
         policy = DepthPolicy.from_dict(meta["depth_policy"])
+        routers = RouterCatalog.from_dict(meta["routers"]) if "routers" in meta else None
         classes = tuple(meta["classes"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has invalid metadata: {e!r}") from e
@@ -173,4 +184,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         metrics=meta.get("metrics", {}),
         path=path,
         sha256=file_sha256(path),
+        routers=routers,
     )

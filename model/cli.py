@@ -39,6 +39,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--depth-sampling", default=defaults.depth_sampling, choices=["sandwich", "all", "max"])
+    p.add_argument("--teacher", default=None, help="checkpoint to distil from (the static twin)")
+    p.add_argument("--kd-alpha", type=float, default=defaults.kd_alpha, help="weight of the soft-target term")
+    p.add_argument("--kd-temperature", type=float, default=defaults.kd_temperature)
+    p.add_argument(
+        "--inplace-distillation",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.inplace_distillation,
+        help="shallower depths learn from the deepest depth's output of the same step",
+    )
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument(
         "--bf16",
@@ -98,8 +107,45 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, twin=args.twin, ablation=args.ablation, data_dir=args.data_dir, out=args.out, plots=args.plots
     )
     print(
-        f"top-1 by depth {[round(100 * a, 2) for a in r['accuracy_by_depth']]}; complexity-routed {100 * r['accuracy_policy']:.2f}% "
-        f"at mean depth {r['mean_depth']:.2f}; report in {args.out}/model-report.md"
+        f"top-1 by depth {[round(100 * a, 2) for a in r['accuracy_by_depth']]}; served default "
+        f"{r['routing']['default']['router']} {100 * r['accuracy_routed']:.2f}% at mean depth {r['mean_depth']:.2f}; "
+        f"report in {args.out}/model-report.md"
+    )
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from model.router_fit import DEFAULT_BUDGET
+
+    p = sub.add_parser(
+        "calibrate-routers",
+        help="fit the entropy, learned and cascade routers on the validation split; stores them in the checkpoint",
+    )
+    p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
+    p.add_argument("--out", default=None, help="where to write the calibrated checkpoint (default: in place)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="default budget, a share of max depth's MACs")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.router_fit import fit_routers, validation_split
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not 0 < args.budget <= 1:
+        raise SystemExit(f"--budget must be in (0, 1], got {args.budget}")
+    ckpt = load_checkpoint(args.checkpoint)
+    ckpt.routers = fit_routers(ckpt, validation_split(ckpt, args.data_dir), budget=args.budget)
+    out = save_checkpoint(ckpt, args.out or args.checkpoint)
+    point = ckpt.routers.point(ckpt.routers.default_router)
+    print(
+        f"wrote {out}: default router {ckpt.routers.default_router} at budget {args.budget} "
+        f"(validation {100 * point['val_accuracy']:.2f}% at {point['val_macs'] / 1e6:.1f} MMACs)"
     )
     return 0
 
@@ -125,7 +171,12 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _add_train, "evaluate": _add_evaluate, "export-onnx": _add_export}
+_COMMANDS = {
+    "train": _add_train,
+    "calibrate-routers": _add_calibrate,
+    "evaluate": _add_evaluate,
+    "export-onnx": _add_export,
+}
 COMMANDS = tuple(_COMMANDS)
 
 

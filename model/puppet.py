@@ -184,6 +184,10 @@ class Backbone(nn.Module):
     def stored_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def stored_numbers(self) -> int:
+        """Every number the checkpoint stores: parameters plus batch-norm running statistics and counters."""
+        return sum(t.numel() for t in self.state_dict().values())
+
     def macs(self, depth: int) -> int:
         """Multiply-accumulates of one image's forward pass at `depth` (kernel generation excluded)."""
         cfg = self.config

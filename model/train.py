@@ -6,6 +6,15 @@ Objectives (`depth_sampling`):
   all       the head after every depth, losses summed.
   max       max depth only (the static twin, a traditional CNN).
 
+Distillation (recorded in the recipe like every other choice):
+  teacher               a trained checkpoint (the static twin) whose logits on the training split are computed
+                        once, for every image and its mirror image, and cached under runs/: the teacher costs
+                        nothing per epoch. Random shifts of up to 2 px reuse the unshifted image's logits.
+  kd_alpha, kd_temperature
+                        the deepest depth learns (1 - alpha) CE(labels) + alpha T^2 KL(teacher_T || student_T).
+  inplace_distillation  the shallower depth of a sandwich step learns from the deepest depth's detached output
+                        of the same step, with the same alpha and T (without a teacher too).
+
 Runs on one process or under `torchrun` (DDP; gloo on CPU, nccl on CUDA). Each epoch writes a
 servable checkpoint (depth table calibrated on the validation split) and a resumable training state.
 """
@@ -43,7 +52,7 @@ class TrainConfig:
     data_dir: str | None = None
     kind: str = "puppet"
     widths: tuple[int, ...] = (16, 32, 64)
-    ranks: tuple[int, ...] = (8, 16, 20)
+    ranks: tuple[int, ...] = (12, 18, 21)
     max_depth: int = 4
     solver: str = "euler"
     tied: bool = False
@@ -53,6 +62,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.0
     depth_sampling: str = "sandwich"
+    teacher: str | None = None  # checkpoint to distil from (the static twin); None: labels only
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
+    inplace_distillation: bool = True
+    teacher_sha256: str = ""  # set from `teacher` when training starts
     augment: bool = True
     bf16: bool | None = None  # bf16 autocast; None: where the device computes bf16 natively (`native_bf16`)
     seed: int = 0
@@ -79,6 +93,11 @@ def split_train_val(data: Dataset, val_size: int, seed: int) -> tuple[Dataset, D
 
 def augment(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
     """Random translation by up to `pad` pixels (zero fill) and horizontal flip, per sample. uint8 in/out."""
+    return augment_with_flips(images, pad)[0]
+
+
+def augment_with_flips(images: torch.Tensor, pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """`augment`, and which images it mirrored (bool, (B,)): the teacher's logits are cached for both views."""
     b, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     oy = torch.randint(0, 2 * pad + 1, (b, 1))
@@ -87,7 +106,7 @@ def augment(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
     cols = (ox + torch.arange(w)).view(b, 1, 1, w)
     out = padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
     flip = torch.rand(b) < 0.5
-    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out), flip
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -110,25 +129,61 @@ def warmup_cosine(total_steps: int, warmup: int):
 # -- objective --------------------------------------------------------------------------------------
 
 
-class Objective(nn.Module):
-    """The training loss as one module, so DDP sees a single forward per step."""
+def distillation_loss(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(softmax(target / T) || softmax(student / T)), batch mean: Hinton et al.'s soft-target term."""
+    t = temperature
+    return (t * t) * F.kl_div(
+        F.log_softmax(student.float() / t, dim=-1),
+        F.log_softmax(target.float() / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
-    def __init__(self, model: Backbone, depth_sampling: str, label_smoothing: float):
+
+class Objective(nn.Module):
+    """The training loss as one module, so DDP sees a single forward per step.
+
+    With `kd_alpha` > 0 each depth's loss is (1 - alpha) CE + alpha KD: the deepest depth's soft targets are the
+    teacher's logits (when given), a shallower depth's are the deepest depth's own, detached (in-place
+    distillation), or the teacher's when that is off."""
+
+    def __init__(
+        self,
+        model: Backbone,
+        depth_sampling: str,
+        label_smoothing: float,
+        *,
+        kd_alpha: float = 0.0,
+        kd_temperature: float = 4.0,
+        inplace_distillation: bool = False,
+    ):
         super().__init__()
         if depth_sampling not in ("sandwich", "all", "max"):
             raise ValueError(f"depth_sampling must be sandwich, all or max, got {depth_sampling!r}")
+        if not 0.0 <= kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha must be in [0, 1], got {kd_alpha}")
         self.model, self.depth_sampling, self.label_smoothing = model, depth_sampling, label_smoothing
+        self.kd_alpha, self.kd_temperature, self.inplace = kd_alpha, kd_temperature, inplace_distillation
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if soft is None or self.kd_alpha == 0.0:
+            return ce
+        return (1.0 - self.kd_alpha) * ce + self.kd_alpha * distillation_loss(logits, soft, self.kd_temperature)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         d_max = self.model.config.max_depth
         logits = self.model(x, d_max)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = self._loss(logits, y, teacher)
+        shallow_soft = logits.detach() if self.inplace else teacher
         if self.depth_sampling == "sandwich" and d_max > 1:
             shallow = torch.randint(1, d_max, (x.shape[0],), device=x.device)
-            loss = loss + F.cross_entropy(self.model(x, shallow), y, label_smoothing=self.label_smoothing)
+            loss = loss + self._loss(self.model(x, shallow), y, shallow_soft)
         elif self.depth_sampling == "all":
             for d in range(1, d_max):
-                loss = loss + F.cross_entropy(self.model(x, d), y, label_smoothing=self.label_smoothing)
+                loss = loss + self._loss(self.model(x, d), y, shallow_soft)
         return loss, logits
 
 
@@ -207,7 +262,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
     start_epoch, step, elapsed = 0, 0, 0.0
     if cfg.resume and run.state_path.exists():
         start_epoch, step, elapsed = _resume(run, auto_bf16)
-    objective = Objective(run.model, cfg.depth_sampling, cfg.label_smoothing)
+    objective = Objective(
+        run.model,
+        cfg.depth_sampling,
+        cfg.label_smoothing,
+        kd_alpha=cfg.kd_alpha if (cfg.teacher or cfg.inplace_distillation) else 0.0,
+        kd_temperature=cfg.kd_temperature,
+        inplace_distillation=cfg.inplace_distillation,
+    )
     runner = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     ckpt = None
     for epoch in range(start_epoch, cfg.epochs):
@@ -243,6 +305,7 @@ class _Run:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     state_path: Path  # the resumable training state, beside the checkpoint
+    teacher_logits: torch.Tensor | None = None  # (2, N, K): the teacher on each training image, and mirrored
 
 
 def _start_process(device_name: str, world: int) -> tuple[torch.device, int]:
@@ -269,7 +332,56 @@ def _set_up(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> _R
     steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
     opt, sched = _optimiser(cfg, model, total_steps=cfg.epochs * steps_per_epoch)
     state_path = Path(cfg.out).with_suffix(".state.pt")
-    return _Run(cfg, device, rank, world, data.classes, train_set, val_set, pre, model, opt, sched, state_path)
+    teacher = _teacher_logits(cfg, train_set, data.classes, rank, world)
+    return _Run(cfg, device, rank, world, data.classes, train_set, val_set, pre, model, opt, sched, state_path, teacher)
+
+
+TEACHER_CACHE = Path("runs") / "teacher-logits"
+
+
+def _teacher_logits(
+    cfg: TrainConfig, train_set: Dataset, classes: tuple[str, ...], rank: int, world: int
+) -> torch.Tensor | None:
+    """The teacher's float32 logits on every training image and its mirror image, (2, N, K), on the CPU.
+
+    Computed once by rank 0 and cached under runs/teacher-logits/, keyed by the teacher file's sha256 and the
+    split; the other ranks wait for the file. The teacher's sha256 goes into the recipe."""
+    if not cfg.teacher:
+        return None
+    from model.checkpoint import file_sha256, load_checkpoint
+
+    sha = file_sha256(cfg.teacher)
+    cfg.teacher_sha256 = sha
+    split = f"{cfg.dataset}-s{cfg.seed}-v{cfg.val_size}-l{cfg.limit}-n{len(train_set)}"
+    path = TEACHER_CACHE / f"{sha[:16]}-{split}.pt"
+    if rank == 0 and not path.exists():
+        teacher = load_checkpoint(cfg.teacher)
+        if tuple(teacher.classes) != tuple(classes):
+            raise ValueError(f"teacher {cfg.teacher} has classes {teacher.classes}, the data set {classes}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))  # the other ranks only wait meanwhile
+        plain = _logits(teacher, train_set.images)
+        mirrored = _logits(teacher, train_set.images.flip(3))
+        torch.set_num_threads(threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(torch.stack([plain, mirrored]), tmp)
+        tmp.replace(path)
+    if world > 1:
+        dist.barrier()
+    return torch.load(path, weights_only=True)
+
+
+@torch.no_grad()
+def _logits(ckpt: Checkpoint, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """A checkpoint's float32 logits at its max depth, (N, K), on the CPU."""
+    model = ckpt.model.eval()
+    model.cache_kernels()
+    out = [
+        model(ckpt.preprocessing.normalise(images[i : i + batch_size])).float()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out)
 
 
 def _build_model(cfg: TrainConfig, pre: Preprocessing, num_classes: int) -> Backbone:
@@ -339,11 +451,13 @@ def _train_epoch(
     for i in bar:
         idx = perm[i : i + cfg.batch_size]
         images = train_set.images[idx]
+        flips = torch.zeros(len(idx), dtype=torch.bool)
         if cfg.augment:
-            images = augment(images)
+            images, flips = augment_with_flips(images)
         x, y = run.pre.normalise(images.to(run.device)), train_set.labels[idx].to(run.device)
+        soft = None if run.teacher_logits is None else run.teacher_logits[flips.long(), idx].to(run.device)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, logits = runner(x, y)
+            loss, logits = runner(x, y, soft)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.opt.step()

@@ -50,7 +50,7 @@ class CostModel:
 
     def __init__(self, max_depth: int):
         self.max_depth = max_depth
-        self.by_depth = [0.0] * (max_depth + 1)  # index: depth (0 unused: AUTO_KEY's price is .auto)
+        self.by_depth = [0.0] * (max_depth + 1)  # index: depth (0: no pass, free; AUTO_KEY's price is .auto)
         self.auto = 0.0
         self._peak, self._peak_at = 0.0, 0.0  # the way back: from a batch's end until its requests resume
 
@@ -78,18 +78,21 @@ class CostModel:
     def cost(self, key: int) -> float:
         return self.auto if key == AUTO_KEY else self.by_depth[key]
 
-    def observe(self, depths: list[int], auto: list[bool], seconds: float) -> None:
-        """One batch: the depth each image ran at, whether the policy chose it, and the batch's worker time."""
-        counts = Counter(depths)
+    def observe(self, depths: list[int], auto: list[bool], seconds: float, second: list[int] | None = None) -> None:
+        """One batch: the depth each image ran at, whether the router chose it, the batch's worker time, and the
+        depth of each image's second pass (0: none; the cascade router's escalations), which the auto price of an
+        image includes."""
+        second = second or [0] * len(depths)
+        counts = Counter(depths) + Counter(d for d in second if d)
         estimate = sum(n * self.by_depth[d] for d, n in counts.items())
         if estimate <= 0:  # nothing known yet: an even share
             for d in counts:
-                self.by_depth[d] = seconds / len(depths)
+                self.by_depth[d] = seconds / counts.total()
         else:
             scale = 1 + EMA_WEIGHT * (seconds / estimate - 1)
             for d in counts:
                 self.by_depth[d] *= scale
-        routed = [self.by_depth[d] for d, a in zip(depths, auto, strict=True) if a]
+        routed = [self.by_depth[d] + self.by_depth[e] for d, e, a in zip(depths, second, auto, strict=True) if a]
         if routed:
             mean = sum(routed) / len(routed)
             self.auto = mean if self.auto <= 0 else (1 - EMA_WEIGHT) * self.auto + EMA_WEIGHT * mean

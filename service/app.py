@@ -61,7 +61,7 @@ async def _start(state: ServiceState) -> None:
     state.set_ready(False)
     try:
         await asyncio.to_thread(load_service, state)
-    except (CheckpointError, OnnxExportError) as e:  # the message names the file and what is wrong
+    except (CheckpointError, OnnxExportError, StartupFailed) as e:  # the message names the file and what is wrong
         log.critical("cannot start: %s", e)
         raise StartupFailed(str(e)) from None
     except Exception as e:

@@ -8,6 +8,12 @@ it plus its own, at the per-image costs the worker measures, fits its deadline; 
 is also bounded in images (memory). Under load an auto-depth request runs at the degrade depth (reason
 `degraded`). An item that can no longer finish by its deadline when its batch forms is not run (504).
 
+Depths come from the checkpoint's router (model/routers.py): `router.first` gives every image's depth before any
+pass, and `DepthPolicy.choose` applies the request's depth, the degrade depth and the caller's cap, as ever. An
+image whose depth the router chose (its reason is the router's name) is then offered to `router.escalate` with its
+first pass's probabilities; a second depth, capped by the same rule, that is deeper than the first runs in a second
+model call for all such images of the batch, and its probabilities are the answer (only the cascade escalates).
+
 An exception in one batch fails only that batch's requests (`InferenceFailed`, with an error id that is
 logged). A worker thread that dies anyway is restarted by a supervisor thread after a back-off (doubling
 while it keeps dying, up to 30 s); while it is down, readiness is false and new requests get `WorkerDown`.
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import AUTO, DepthPolicy, Preprocessing
+from model.routers import EntropyRouter, Router
 from service import metrics
 from service.admission import CostModel, decide
 from service.backends import Backend
@@ -66,16 +73,40 @@ class InferenceFailed(Exception):
 class ImageResult:
     probabilities: torch.Tensor  # (K,)
     ranked: list[tuple[int, float]]  # (class id, probability), most probable first
-    depth: int
-    reason: str
+    depth: int  # the depth of the answer: the second pass's when the image escalated
+    reason: str  # why `depth`: the router's name, requested, capped or degraded
     complexity: float
+    first_depth: int  # the first pass's depth (== depth unless escalated)
+    escalated: bool = False
+
+    @property
+    def depths_run(self) -> list[int]:
+        return [self.first_depth, self.depth] if self.escalated else [self.depth]
 
 
 @dataclass
 class BatchTimings:
     queue_s: float
-    inference_s: float
+    inference_s: float  # the first pass: complexity, routing and the model
     estimate_s: float  # what admission expected queue and inference to take
+    escalation_s: float = 0.0  # the batch's second pass, which the answer waited for (0: no image escalated)
+
+
+@dataclass
+class _Routing:
+    """A batch's depths, image by image: the first pass's depth and reason, the second pass's (0: none)."""
+
+    first: list[int]
+    first_reasons: list[str]
+    second: list[int]
+    second_reasons: list[str]
+
+    @property
+    def escalated(self) -> list[int]:
+        return [i for i, d in enumerate(self.second) if d]
+
+    def final(self, i: int) -> tuple[int, str]:
+        return (self.second[i], self.second_reasons[i]) if self.second[i] else (self.first[i], self.first_reasons[i])
 
 
 @dataclass
@@ -100,6 +131,7 @@ class Batcher:
         policy: DepthPolicy,
         preprocessing: Preprocessing,
         *,
+        router: Router | None = None,
         max_batch_size: int,
         max_queue: int,
         deadline_s: float,
@@ -110,6 +142,7 @@ class Batcher:
         on_worker_change: Callable[[bool], None] | None = None,
     ):
         self.backend, self.policy, self.preprocessing = backend, policy, preprocessing
+        self.router = router or EntropyRouter(policy)  # the depth table alone, as before routers
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.deadline_s, self.max_queue_delay_s = deadline_s, max_queue_delay_s
         self.degrade_under_load = degrade_under_load
@@ -315,27 +348,34 @@ class Batcher:
             return
         images, intensities = _inputs(live, self.preprocessing)
         h = self.backend.complexity(intensities)
-        depths, reasons = self._depths(live, h)
+        routing = self._depths(live, intensities, h)
         if not self.backend.kernel_cache:
             metrics.KERNEL_GENERATION.observe(self.backend.generate_kernels())
-        probs, seconds = self.backend.predict(images, torch.tensor(depths))
+        probs, seconds = self.backend.predict(images, torch.tensor(routing.first))
         inference_s = time.perf_counter() - start
+        self._escalate(live, probs, routing)
+        probs, escalation_s = self._second_pass(images, probs, routing)
         hs = h.tolist()
-        self._record(len(images), depths, reasons, hs, seconds)
+        self._record(len(images), routing, hs, seconds)
         values, classes = probs.sort(dim=1, descending=True)  # once per batch, not per request on the loop
         ranked = [list(zip(c, v, strict=True)) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
         k, settled = 0, []
         for item in live:
             m = len(item.images)
-            results = [
-                ImageResult(probs[k + i], ranked[k + i], depths[k + i], reasons[k + i], hs[k + i]) for i in range(m)
-            ]
+            results = [self._result(routing, k + i, probs[k + i], ranked[k + i], hs[k + i]) for i in range(m)]
             k += m
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
-            settled.append((item, (results, BatchTimings(start - item.enqueued, inference_s, item.estimate_s)), None))
+            timings = BatchTimings(start - item.enqueued, inference_s, item.estimate_s, escalation_s)
+            settled.append((item, (results, timings), None))
         _settle(settled)
         if 2 * len(images) >= self.max_batch_size:  # small batches cost more an image: they would misprice a queue
-            self.costs.observe(depths, [r == AUTO for r in reasons], time.perf_counter() - start)
+            routed = [r == self.router.name for r in routing.first_reasons]
+            self.costs.observe(routing.first, routed, time.perf_counter() - start, second=routing.second)
+
+    @staticmethod
+    def _result(routing: _Routing, i: int, probs: torch.Tensor, ranked: list, h: float) -> ImageResult:
+        depth, reason = routing.final(i)
+        return ImageResult(probs, ranked, depth, reason, h, routing.first[i], escalated=bool(routing.second[i]))
 
     def _drop_late(self, batch: list[_Item], start: float) -> list[_Item]:
         """What cannot be answered by its deadline is not run (504): the whole batch finishes together."""
@@ -348,34 +388,75 @@ class Batcher:
             _settle([(item, None, DeadlineExceeded()) for item in late])
         return live
 
-    def _depths(self, live: list[_Item], h: torch.Tensor) -> tuple[list[int], list[str]]:
-        """Each image's depth and its reason (the precedence is DepthPolicy.choose's)."""
-        auto = self.policy.auto(h).tolist()
-        depths, reasons, k = [], [], 0
-        for item in live:
-            degrade_to = self.degrade_depth if item.degraded else None
-            for _ in range(len(item.images)):
-                d, reason = self.policy.choose(
-                    auto[k], depth=item.depth, max_depth=item.max_depth, degrade_to=degrade_to
-                )
-                depths.append(d)
-                reasons.append(reason)
-                k += 1
-        return depths, reasons
+    def _limits(self, live: list[_Item]) -> list[tuple[int | None, int | None, int | None]]:
+        """Per image: its requested depth, its caller's cap and, when its request was degraded, the degrade depth."""
+        return [
+            (item.depth, item.max_depth, self.degrade_depth if item.degraded else None)
+            for item in live
+            for _ in range(len(item.images))
+        ]
 
-    def _record(
-        self, n: int, depths: list[int], reasons: list[str], complexities: list[float], seconds: dict[int, float]
-    ) -> None:
-        """A batch's metrics: its size, model time by depth, and each image's depth, reason and complexity."""
+    def _reason(self, reason: str) -> str:
+        """DepthPolicy.choose's reason, with the automatic one named by the router that decided."""
+        return self.router.name if reason == AUTO else reason
+
+    def _depths(self, live: list[_Item], intensities: torch.Tensor, h: torch.Tensor) -> _Routing:
+        """Each image's first depth and its reason: the router's depth, then DepthPolicy.choose's precedence."""
+        auto = self.router.first(intensities, h).tolist()
+        depths, reasons = [], []
+        for a, (depth, max_depth, degrade_to) in zip(auto, self._limits(live), strict=True):
+            d, reason = self.policy.choose(int(a), depth=depth, max_depth=max_depth, degrade_to=degrade_to)
+            depths.append(d)
+            reasons.append(self._reason(reason))
+        return _Routing(depths, reasons, [0] * len(depths), list(reasons))
+
+    def _escalate(self, live: list[_Item], probs: torch.Tensor, routing: _Routing) -> None:
+        """The second depth of each image the router routed (0: none): what the router asks, capped by the same
+        precedence as the first (the caller's max_depth, the degrade depth), run only when deeper than the first."""
+        routed = [i for i, r in enumerate(routing.first_reasons) if r == self.router.name]
+        if not routed:
+            return
+        index = torch.tensor(routed)
+        wanted = self.router.escalate(probs[index], torch.tensor([routing.first[i] for i in routed])).tolist()
+        limits = self._limits(live)
+        for i, w in zip(routed, wanted, strict=True):
+            if w <= 0:
+                continue
+            _, max_depth, degrade_to = limits[i]
+            d, reason = self.policy.choose(int(w), max_depth=max_depth, degrade_to=degrade_to)
+            if d > routing.first[i]:
+                routing.second[i], routing.second_reasons[i] = d, self._reason(reason)
+
+    def _second_pass(self, images: torch.Tensor, probs: torch.Tensor, routing: _Routing) -> tuple[torch.Tensor, float]:
+        """One model call for every escalated image of the batch: the probabilities with theirs replaced, and the
+        seconds it took (0 when none escalated)."""
+        escalated = routing.escalated
+        if not escalated:
+            return probs, 0.0
+        t0 = time.perf_counter()
+        index = torch.tensor(escalated)
+        second, seconds = self.backend.predict(images[index], torch.tensor([routing.second[i] for i in escalated]))
+        for d, s in seconds.items():
+            metrics.INFERENCE.labels(str(d)).observe(s)
+        return probs.index_copy(0, index, second), time.perf_counter() - t0
+
+    def _record(self, n: int, routing: _Routing, complexities: list[float], seconds: dict[int, float]) -> None:
+        """A batch's metrics: its size, the first pass's model time by depth, each pass's depth and reason, each
+        escalation, and each image's depth run (both passes) and complexity."""
         metrics.BATCH_SIZE.observe(n)
         if (mem := self.backend.device_memory_bytes()) is not None:
             metrics.DEVICE_MEMORY.labels(str(self.backend.device)).set(mem)
         for d, s in seconds.items():
             metrics.INFERENCE.labels(str(d)).observe(s)
-        for (d, reason), count in Counter(zip(depths, reasons, strict=True)).items():
-            metrics.DEPTH_CHOSEN.labels(str(d), reason).inc(count)
-        for d, c in zip(depths, complexities, strict=True):
-            metrics.IMAGE_DEPTH.observe(d)
+        for (d, reason), count in Counter(zip(routing.first, routing.first_reasons, strict=True)).items():
+            metrics.DEPTH_CHOSEN.labels(str(d), reason, "first").inc(count)
+        escalated = routing.escalated
+        for (d, reason), count in Counter((routing.second[i], routing.second_reasons[i]) for i in escalated).items():
+            metrics.DEPTH_CHOSEN.labels(str(d), reason, "second").inc(count)
+        for (a, b), count in Counter((routing.first[i], routing.second[i]) for i in escalated).items():
+            metrics.ESCALATIONS.labels(str(a), str(b)).inc(count)
+        for d, e, c in zip(routing.first, routing.second, complexities, strict=True):
+            metrics.IMAGE_DEPTH.observe(d + e)
             metrics.COMPLEXITY.observe(c)
 
 

@@ -37,7 +37,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puppet-cnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    model_cli.add_commands(sub, ("train", "evaluate"))  # the model's commands: model/cli.py
+    model_cli.add_commands(sub, ("train", "calibrate-routers", "evaluate"))  # the model's commands: model/cli.py
     _add_serve(sub)
     model_cli.add_commands(sub, ("export-onnx",))
     return parser

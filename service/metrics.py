@@ -35,11 +35,18 @@ INFERENCE = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 DEPTH_CHOSEN = Counter(
-    "puppet_depth_chosen_total", "images classified, by depth and why that depth", ["depth", "reason"]
+    "puppet_depth_chosen_total",
+    "model passes, by depth, why that depth (the router's name, requested, capped, degraded) and which pass: first, "
+    "or second (an image the cascade router escalated, counted at both of its depths)",
+    ["depth", "reason", "pass"],
+)
+ESCALATIONS = Counter(
+    "puppet_escalations_total", "images that ran a second, deeper pass (the cascade router)", ["from_depth", "to_depth"]
 )
 IMAGE_DEPTH = Histogram(
     "puppet_image_depth",
-    "depth each image ran at (mean depth = rate of _sum / rate of _count)",
+    "depth run for each image, both passes of an escalated image summed: its compute in blocks per stage (mean "
+    "depth = rate of _sum / rate of _count)",
     buckets=(1, 2, 3, 4, 5, 6, 7, 8),
 )
 MAX_DEPTH = Gauge("puppet_max_depth", "deepest depth the loaded model offers", multiprocess_mode="livemax")
@@ -57,6 +64,12 @@ MODEL_INFO = Gauge(
     "puppet_model_info",
     "the loaded model (value 1)",
     ["version", "backend", "provider", "device", "max_depth", "sha256"],
+    multiprocess_mode="livemax",
+)
+ROUTER_INFO = Gauge(
+    "puppet_router_info",
+    "the depth router serving (value 1): its name and budget (a fraction of max depth's MACs)",
+    ["router", "budget"],
     multiprocess_mode="livemax",
 )
 READY = Gauge("puppet_ready", "1 when loaded, warm and not draining", multiprocess_mode="livemin")

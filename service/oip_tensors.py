@@ -3,7 +3,8 @@ service (service/grpc_server.py) share.
 
 The model: one input, either FP32 [N, C, H, W] already normalised with the checkpoint's mean/std, or BYTES [N] of
 encoded images; an optional `depth` parameter (request or input level: `auto` or 1..D_max). Outputs, all or those
-requested, in the order requested: `probabilities` FP32 [N, K], `depth` INT64 [N], `label` BYTES [N].
+requested, in the order requested: `probabilities` FP32 [N, K], `depth` INT64 [N], `label` BYTES [N], `escalated`
+BOOL [N] (the cascade router ran a second, deeper pass: `depth` and `probabilities` are that pass's).
 
 A tensor's elements come as values (JSON, or protobuf `contents`) or raw: little-endian, row-major, and for BYTES
 each element a 4-byte little-endian length then its bytes (Triton's serialization; the binary tensor data extension
@@ -28,7 +29,7 @@ from service.state import ServiceState, model_info
 from service.uploads import check_image_count, decode_base64, parse_depth
 
 MODEL_NAME = "puppet-cnn"
-OUTPUT_NAMES = ("probabilities", "depth", "label")
+OUTPUT_NAMES = ("probabilities", "depth", "label", "escalated")
 EXTENSIONS = ["binary_tensor_data"]
 # Triton's extensions that this server does not offer: refused rather than silently ignored
 UNSUPPORTED_PARAMETERS = {
@@ -100,8 +101,13 @@ def model_metadata(state: ServiceState) -> dict:
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(info["classes"])]},
             {"name": "depth", "datatype": "INT64", "shape": [-1]},
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "escalated", "datatype": "BOOL", "shape": [-1]},
         ],
-        "parameters": {"depth": f"auto or 1..{info['max_depth']}", "classes": info["classes"]},
+        "parameters": {
+            "depth": f"auto or 1..{info['max_depth']}",
+            "classes": info["classes"],
+            "router": info["router"]["name"],
+        },
     }
 
 
@@ -133,6 +139,7 @@ async def infer_outputs(
         "probabilities": OutputTensor("probabilities", "FP32", [n, probs.shape[1]], probs),
         "depth": OutputTensor("depth", "INT64", [n], np.array([r.depth for r in results], dtype=np.int64)),
         "label": OutputTensor("label", "BYTES", [n], [classes[int(i)] for i in probs.argmax(axis=1)]),
+        "escalated": OutputTensor("escalated", "BOOL", [n], np.array([r.escalated for r in results], dtype=np.bool_)),
     }
     return [outputs[name] for name in names]
 

@@ -59,8 +59,10 @@ async def infer(
     note(
         depths=[r.depth for r in results],
         depth_reasons=[r.reason for r in results],
+        escalated=[r.escalated for r in results],
         queue_ms=round(timings.queue_s * 1000, 3),
         inference_ms=round(timings.inference_s * 1000, 3),
+        escalation_ms=round(timings.escalation_s * 1000, 3),
         estimate_ms=round(timings.estimate_s * 1000, 3),
     )
     return results, timings

@@ -58,6 +58,8 @@ async def classify(request: Request, state: Loaded) -> JSONResponse:
                 "predictions": pipeline.top_k(r.ranked, k, ckpt.classes),
                 "depth": r.depth,
                 "depth_reason": r.reason,
+                "escalated": r.escalated,
+                "depths_run": r.depths_run,
                 "complexity": round(r.complexity, 5),
                 "max_depth": d_max,
             }
@@ -69,10 +71,11 @@ async def classify(request: Request, state: Loaded) -> JSONResponse:
             "queue": round(timings.queue_s * 1000, 3),
             "preprocess": round((t_pre - t0) * 1000, 3),
             "inference": round(timings.inference_s * 1000, 3),
+            "escalation": round(timings.escalation_s * 1000, 3),
             "total": round(total * 1000, 3),
         },
     }
-    server_timing = f"queue;dur={timings.queue_s * 1000:.3f}, preprocess;dur={(t_pre - t0) * 1000:.3f}, inference;dur={timings.inference_s * 1000:.3f}, total;dur={total * 1000:.3f}"
+    server_timing = ", ".join(f"{name};dur={ms:.3f}" for name, ms in body["timings_ms"].items())
     return JSONResponse(body, headers={"Server-Timing": server_timing})
 
 

@@ -29,10 +29,18 @@ class Prediction(BaseModel):
     probability: float
 
 
+DepthReason = Literal["entropy", "learned", "cascade", "requested", "capped", "degraded"]
+
+
 class ImageClassification(BaseModel):
     predictions: list[Prediction] = Field(description="top-k classes, most probable first")
-    depth: int = Field(description="blocks per stage the puppet ran for this image")
-    depth_reason: Literal["auto", "requested", "capped", "degraded"]
+    depth: int = Field(description="blocks per stage of the pass that gave the predictions")
+    depth_reason: DepthReason = Field(
+        description="why that depth: the router that chose it (entropy, learned or cascade), requested, capped "
+        "(max_depth) or degraded (load)"
+    )
+    escalated: bool = Field(description="the cascade router ran a second, deeper pass for this image")
+    depths_run: list[int] = Field(description="the depth of each pass run, e.g. [1, 4] for an escalated image")
     complexity: float = Field(description="H(x) in bits, the input to the depth table")
     max_depth: int
 
@@ -40,7 +48,8 @@ class ImageClassification(BaseModel):
 class Timings(BaseModel):
     queue: float
     preprocess: float
-    inference: float
+    inference: float = Field(description="the first pass: complexity, routing and the model")
+    escalation: float = Field(description="the batch's second pass (escalated images), 0 when there was none")
     total: float
 
 
@@ -89,6 +98,16 @@ class DepthTable(BaseModel):
     tolerance: float
 
 
+class RouterInfo(BaseModel):
+    name: Literal["entropy", "learned", "cascade"]
+    budget: float = Field(description="a fraction of max depth's MACs: picks the router's operating point")
+    settings: dict[str, Any] = Field(description="the operating point: table, penalty, or first/second/threshold")
+    val_accuracy: float | None = Field(description="validation accuracy at that point; null when not calibrated")
+    val_macs: float | None = Field(description="validation mean MACs an image at that point; null when not calibrated")
+    available: list[str] = Field(description="the routers this checkpoint offers (PUPPET_ROUTER)")
+    default: str = Field(description="the checkpoint's default router")
+
+
 class PreprocessingInfo(BaseModel):
     input_size: list[int]
     channels: int
@@ -104,6 +123,7 @@ class ModelInfo(BaseModel):
     depths: list[int]
     max_depth: int
     depth_table: DepthTable
+    router: RouterInfo
     stored_parameters: int
     backend: str
     provider: str
@@ -158,10 +178,10 @@ class OipModelMetadata(BaseModel):
 
 
 class OipOutputTensor(BaseModel):
-    name: Literal["probabilities", "depth", "label"]
-    datatype: Literal["FP32", "INT64", "BYTES"]
+    name: Literal["probabilities", "depth", "label", "escalated"]
+    datatype: Literal["FP32", "INT64", "BYTES", "BOOL"]
     shape: list[int]
-    data: list[float] | list[int] | list[str]
+    data: list[float] | list[int] | list[str] | list[bool]
 
 
 class OipInferResponse(BaseModel):
@@ -178,7 +198,7 @@ def _classify_request_docs() -> dict:
     depth = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "enum": ["auto"]}]}
     options = {
         "top_k": {"type": "integer", "minimum": 1, "description": "classes to return, 1..number of classes"},
-        "depth": {**depth, "description": "'auto' (the depth table decides) or a fixed depth in 1..D_max"},
+        "depth": {**depth, "description": "'auto' (the router decides) or a fixed depth in 1..D_max"},
         "max_depth": {"type": "integer", "minimum": 1, "description": "cap on the automatic depth, 1..D_max"},
     }
     binary = {"type": "string", "format": "binary"}

@@ -12,7 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model import SHIPPED_CHECKPOINT  # one definition of the shipped model: model/checkpoint.py
+from model import SHIPPED_CHECKPOINT, CheckpointError, read_metadata  # the shipped model: model/checkpoint.py
+from model.routers import RouterCatalog
 
 
 class Settings(BaseSettings):
@@ -87,6 +88,19 @@ class Settings(BaseSettings):
     kernel_cache: bool = Field(True, description="generate kernels once; off regenerates them per batch")
     degrade_under_load: bool = Field(True, description="cap the depth instead of missing the deadline")
     degrade_depth: int = Field(1, ge=1, description="the depth cap applied under load")
+    router: Literal["", "entropy", "learned", "cascade"] = Field(
+        "",
+        description="which router picks each image's depth: entropy (the complexity table), learned (a tiny net), or "
+        "cascade (a shallow pass, then a deeper one for unsure images); empty: the checkpoint's default. It must be "
+        "calibrated in the checkpoint",
+    )
+    router_budget: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="the router's operating point: the most accurate one whose validation cost is at most this "
+        "fraction of max depth's MACs, in (0, 1]; unset or empty: the checkpoint's default",
+    )
     workers: int = Field(
         0, ge=0, le=64, description="serving processes; 0 = auto: one per CPU core on the CPU, one on a GPU"
     )
@@ -114,6 +128,11 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
 
+    @field_validator("router_budget", mode="before")
+    @classmethod
+    def _empty_budget_is_unset(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
     @model_validator(mode="after")
     def _pixel_limits(self) -> Settings:
         if self.max_request_pixels < self.max_pixels:
@@ -140,6 +159,23 @@ class Settings(BaseSettings):
     def _checkpoint_exists(self) -> Settings:
         if not self.checkpoint.is_file():
             raise ValueError(f"checkpoint {self.checkpoint} does not exist (PUPPET_CHECKPOINT)")
+        self._router_is_calibrated()
         if self.max_queue < self.max_batch_size:
             raise ValueError(f"max_queue ({self.max_queue}) must be at least max_batch_size ({self.max_batch_size})")
         return self
+
+    def _router_is_calibrated(self) -> None:
+        """A router the checkpoint does not offer is refused here, from its header alone (no weights loaded). A
+        checkpoint without calibrated routers offers the entropy router on its depth table."""
+        if not self.router:
+            return
+        try:
+            meta = read_metadata(self.checkpoint)
+            names = RouterCatalog.from_dict(meta["routers"]).names if "routers" in meta else ("entropy",)
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return  # an unreadable checkpoint is refused when it is loaded, with the reason
+        if self.router not in names:
+            raise ValueError(
+                f"router {self.router!r} (PUPPET_ROUTER) is not calibrated in checkpoint {self.checkpoint}; it offers "
+                f"{', '.join(names)} (empty: its default)"
+            )

@@ -1,13 +1,15 @@
 """The loaded service: what one process serves (checkpoint, backend, batcher) and whether it is ready.
 
-`load_service` fills a `ServiceState` in the app's lifespan (service/app.py): checkpoint onto the device,
-kernels generated and cached, every depth warmed, admission's costs measured, the inference worker started.
+`load_service` fills a `ServiceState` in the app's lifespan (service/app.py): checkpoint onto the device, the depth
+router chosen from its catalog, kernels generated and cached, every depth warmed, admission's costs measured, the
+inference worker started.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ import torch
 
 from model import Checkpoint, load_checkpoint, resolve_device
 from model.onnx_export import ensure_export, verified_export
+from model.routers import Router
 from service import metrics
 from service.backends import Backend, OnnxBackend, TorchBackend
 from service.batcher import Batcher
@@ -33,6 +36,8 @@ class ServiceState:
 
     settings: Settings
     ckpt: Checkpoint | None = None
+    router: Router | None = None
+    router_budget: float = 1.0  # the budget that chose the router's operating point
     backend: Backend | None = None
     batcher: Batcher | None = None
     ready: bool = False  # loaded and warm; false again once shutdown begins
@@ -91,6 +96,27 @@ def make_backend(s: Settings, ckpt: Checkpoint, device: torch.device) -> Backend
     )
 
 
+def make_router(s: Settings, ckpt: Checkpoint) -> tuple[Router, float]:
+    """The router PUPPET_ROUTER names (empty: the catalog's default) at the operating point PUPPET_ROUTER_BUDGET
+    picks (unset: the catalog's default budget), and that budget. A router the checkpoint does not offer fails
+    the start-up, never a request."""
+    catalog = ckpt.catalog
+    name = s.router or catalog.default_router
+    budget = catalog.default_budget if s.router_budget is None else s.router_budget
+    if name not in catalog.names:
+        raise StartupFailed(
+            f"router {name!r} (PUPPET_ROUTER) is not calibrated in checkpoint {ckpt.path}; it offers "
+            f"{', '.join(catalog.names)}"
+        )
+    router = catalog.router(name, budget)
+    if router.max_depth != ckpt.config.max_depth:
+        raise StartupFailed(
+            f"checkpoint {ckpt.path}: its {name} router routes to {router.max_depth} depths, the model has "
+            f"{ckpt.config.max_depth}"
+        )
+    return router, budget
+
+
 def load_service(state: ServiceState) -> None:
     """Load the checkpoint onto the worker's device, cache kernels, warm every depth, start the worker."""
     s = state.settings
@@ -98,6 +124,7 @@ def load_service(state: ServiceState) -> None:
     t0 = time.perf_counter()
     device = resolve_device(s.device)
     ckpt = load_checkpoint(s.checkpoint, device)
+    router, budget = make_router(s, ckpt)
     metrics.LOAD_SECONDS.set(time.perf_counter() - t0)
     backend = make_backend(s, ckpt, device)
     metrics.KERNEL_GENERATION.observe(backend.generate_kernels())
@@ -106,12 +133,14 @@ def load_service(state: ServiceState) -> None:
         ckpt.version, backend.name, backend.provider, str(device), str(ckpt.config.max_depth), ckpt.sha256[:12]
     ).set(1)
     metrics.MAX_DEPTH.set(ckpt.config.max_depth)
+    metrics.ROUTER_INFO.labels(router.name, f"{budget:g}").set(1)
     if (mem := backend.device_memory_bytes()) is not None:
         metrics.DEVICE_MEMORY.labels(str(device)).set(mem)
     batcher = Batcher(
         backend,
         ckpt.policy,
         ckpt.preprocessing,
+        router=router,
         max_batch_size=s.max_batch_size,
         max_queue=s.max_queue,
         deadline_s=s.request_deadline_ms / 1000,
@@ -124,9 +153,17 @@ def load_service(state: ServiceState) -> None:
     batcher.calibrate()
     batcher.start()
     state.ckpt, state.backend, state.batcher = ckpt, backend, batcher
+    state.router, state.router_budget = router, budget
     gc.collect()
     gc.freeze()  # the model's objects never die: keep the collector from walking them on every pause
-    log.info("model %s loaded on %s in %.2f s; ready", ckpt.version, device, time.perf_counter() - t0)
+    log.info(
+        "model %s loaded on %s in %.2f s, routing with %s at budget %g; ready",
+        ckpt.version,
+        device,
+        time.perf_counter() - t0,
+        router.name,
+        budget,
+    )
 
 
 def model_info(state: ServiceState) -> dict:
@@ -146,10 +183,34 @@ def model_info(state: ServiceState) -> dict:
         "depths": list(range(1, ckpt.config.max_depth + 1)),
         "max_depth": ckpt.config.max_depth,
         "depth_table": {"edges": list(policy.edges), "depths": list(policy.depths), "tolerance": policy.tolerance},
+        "router": router_info(state),
         "stored_parameters": ckpt.model.stored_parameters(),
         "backend": backend.name,
         "provider": backend.provider,
         "device": str(backend.device),
         "checkpoint_sha256": ckpt.sha256,
         "dataset": ckpt.dataset,
+    }
+
+
+def router_info(state: ServiceState) -> dict:
+    """The router serving, its operating point's settings and validation figures, and the routers on offer.
+    Validation figures are null for a checkpoint without calibrated routers (its entropy table was not measured
+    as an operating point)."""
+    ckpt, router = state.ckpt, state.router
+    catalog = ckpt.catalog
+    point = catalog.point(router.name, state.router_budget)
+
+    def measured(key: str) -> float | None:
+        value = point.get(key)
+        return None if ckpt.routers is None or value is None or not math.isfinite(value) else float(value)
+
+    return {
+        "name": router.name,
+        "budget": state.router_budget,
+        "settings": router.settings(),
+        "val_accuracy": measured("val_accuracy"),
+        "val_macs": measured("val_macs"),
+        "available": list(catalog.names),
+        "default": catalog.default_router,
     }

@@ -3,7 +3,8 @@
 Dockerfile: hadolint. Compose: `docker-compose config` for both variants. Kubernetes: kubernetes-validate,
 plus structure checks for the Prometheus Operator objects. Prometheus: promtool check/test. Dashboards:
 structure, and every panel's and recording rule's PromQL evaluated by a real Prometheus that scraped the
-real service under traffic at several depths, with rejected and degraded requests.
+real service under traffic at several depths, with rejected and degraded requests. The service routes with a
+cascade (depth 2, then 4 for unsure images) on the shipped weights, so escalations reach the dashboards too.
 """
 
 import concurrent.futures as cf
@@ -20,10 +21,11 @@ import pytest
 import yaml
 
 from conftest import REPO
-from model import load_dataset
+from model import load_checkpoint, load_dataset
 from model.data import encode_png
-from support.live_server import LiveServer, free_port
+from support.live_server import SHIPPED, LiveServer, free_port
 from support.load import capacity, open_loop
+from support.routing import catalog, with_routers
 
 ROOT = Path(REPO)
 BIN = Path(sys.executable).parent
@@ -299,10 +301,20 @@ _PROMQL_FUNCTIONS = (
 # -- a real Prometheus scraping the real service -------------------------------------------------------
 
 
+def _cascade_checkpoint(tmp: Path) -> Path:
+    """The shipped weights with a catalog whose default router is a cascade 2 -> 4: requests capped at depth 1
+    are `capped`, degraded ones drop to depth 1, and the images unsure at depth 2 escalate."""
+    shipped = load_checkpoint(SHIPPED)
+    routers = catalog(shipped.model, policy=shipped.policy, cascade=(2, 4, 0.9))
+    return with_routers(SHIPPED, tmp / "cascade.safetensors", routers).path
+
+
 @pytest.fixture(scope="module")
 def server_and_prometheus(tmp_path_factory):
-    server = LiveServer(max_queue=4096, degrade_under_load="true")  # the default deadline decides admission
     tmp = tmp_path_factory.mktemp("prometheus")
+    server = LiveServer(  # the default deadline decides admission
+        max_queue=4096, degrade_under_load="true", checkpoint=_cascade_checkpoint(tmp), onnx_cache_dir=tmp / "onnx"
+    )
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -359,6 +371,7 @@ def _traffic(server, seconds=25.0):
         )
         if r.status_code == 200:
             seen.update(x["depth_reason"] for x in r.json()["results"])
+            seen.update("escalated" for x in r.json()["results"] if x["escalated"])
         return r.status_code
 
     statuses = [post(i, {"max_depth": 1}) for i in range(32)]  # images routed deeper than 1 get capped
@@ -380,7 +393,7 @@ def _traffic(server, seconds=25.0):
         if o.status == 200:
             seen.update(x["depth_reason"] for x in o.body["results"])
     assert 429 in statuses and 400 in statuses and 200 in statuses
-    assert {"auto", "requested", "capped", "degraded"} <= seen, seen
+    assert {"cascade", "escalated", "requested", "capped", "degraded"} <= seen, seen
     time.sleep(3)  # the last scrapes and rule evaluations
 
 
@@ -423,3 +436,7 @@ def test_the_ready_and_info_series_reach_prometheus(server_and_prometheus):
     assert float(_query(url, "puppet_ready")[0]["value"][1]) == 1
     assert _query(url, 'puppet_rejections_total{reason="queue_full"} > 0')
     assert _query(url, 'puppet_depth_chosen_total{reason="degraded"} > 0')
+    assert _query(url, 'puppet_depth_chosen_total{reason="cascade", pass="second", depth="4"} > 0')
+    assert _query(url, 'puppet_escalations_total{from_depth="2", to_depth="4"} > 0')
+    assert _query(url, 'puppet_router_info{router="cascade", budget="1"} == 1')
+    assert _query(url, "max_over_time(instance:puppet_escalations:ratio1m[5m]) > 0")

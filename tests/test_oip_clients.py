@@ -79,6 +79,7 @@ def expected(server, images):
         out[depth] = {
             "labels": [x["predictions"][0]["label"] for x in results],
             "depths": [x["depth"] for x in results],
+            "escalated": [x["escalated"] for x in results],
             "probabilities": probs,
         }
     assert out["auto"]["depths"] != out[2]["depths"], "the images should not all be routed to depth 2"
@@ -117,9 +118,11 @@ def test_tritonclient_http_binary(server, images, expected, depth):
     tensor.set_data_from_numpy(np.array(images[1], dtype=object))  # raw image bytes after the JSON header
     result = client.infer(MODEL, [tensor], parameters={"depth": depth})  # no outputs named: all, raw
     assert result.get_output("probabilities")["parameters"] == {"binary_data_size": 4 * N * 10}
+    assert result.get_output("escalated")["parameters"] == {"binary_data_size": N}  # BOOL: a byte each
     assert_matches(
         expected[depth], result.as_numpy("label"), result.as_numpy("depth"), result.as_numpy("probabilities")
     )
+    assert result.as_numpy("escalated").tolist() == expected[depth]["escalated"]
 
 
 def test_requested_outputs_only_in_their_order_and_compressed_requests(server, images, expected):
@@ -163,7 +166,8 @@ def test_tritonclient_grpc(server, images, expected, depth):
     with tgrpc.InferenceServerClient(server.grpc_target) as client:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
         meta = client.get_model_metadata(MODEL, as_json=True)
-        assert meta["name"] == MODEL and [o["name"] for o in meta["outputs"]] == ["probabilities", "depth", "label"]
+        names = ["probabilities", "depth", "label", "escalated"]
+        assert meta["name"] == MODEL and [o["name"] for o in meta["outputs"]] == names
         assert client.get_server_metadata(as_json=True)["extensions"] == ["binary_tensor_data"]
         tensor = tgrpc.InferInput("image_bytes", [N], "BYTES")
         tensor.set_data_from_numpy(np.array(images[1], dtype=object))
@@ -172,6 +176,7 @@ def test_tritonclient_grpc(server, images, expected, depth):
         assert_matches(
             expected[depth], result.as_numpy("label"), result.as_numpy("depth"), result.as_numpy("probabilities")
         )
+        assert result.as_numpy("escalated").tolist() == expected[depth]["escalated"]
         subset = client.infer(MODEL, [tensor], outputs=[tgrpc.InferRequestedOutput("depth")])
         assert [o.name for o in subset.get_response().outputs] == ["depth"]
         assert subset.as_numpy("depth").tolist() == expected["auto"]["depths"]
@@ -192,14 +197,20 @@ def request(binary: bool) -> InferRequest:
     tensor = InferInput("image_bytes", [len(pngs)], "BYTES")
     values = pngs if binary else [base64.b64encode(p) for p in pngs]
     tensor.set_data_from_numpy(np.array(values, dtype=object), binary_data=binary)
-    outputs = [RequestedOutput(n, {"binary_data": binary}) for n in ("probabilities", "depth", "label")]
+    names = ("probabilities", "depth", "label", "escalated")
+    outputs = [RequestedOutput(n, {"binary_data": binary}) for n in names]
     return InferRequest("puppet-cnn", [tensor], parameters={"depth": args["depth"]}, request_outputs=outputs)
 
 
 def answer(response) -> dict:
     out = {o.name: o.as_numpy() for o in response.outputs}
     labels = [x.decode() if isinstance(x, bytes) else x for x in out["label"].tolist()]
-    return {"labels": labels, "depths": out["depth"].tolist(), "probabilities": out["probabilities"].tolist()}
+    return {
+        "labels": labels,
+        "depths": out["depth"].tolist(),
+        "probabilities": out["probabilities"].tolist(),
+        "escalated": [bool(x) for x in out["escalated"].tolist()],
+    }
 
 
 async def main():
@@ -241,6 +252,7 @@ def test_kserve_clients(server, images, expected, depth):
     assert set(answers) == {"rest-json", "rest-binary", "grpc-raw", "grpc-contents"}
     for got in answers.values():
         assert_matches(expected[depth], got["labels"], got["depths"], got["probabilities"])
+        assert got["escalated"] == expected[depth]["escalated"]
 
 
 # -- errors --------------------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The service end to end: a real uvicorn on loopback, real Fashion-MNIST images, the shipped checkpoint."""
+"""The service end to end: a real uvicorn on loopback, real Fashion-MNIST images, the shipped checkpoint.
+
+The server routes with the checkpoint's entropy router (its complexity table), which never escalates, so every
+image has one depth; tests/test_routing.py covers the learned and cascade routers."""
 
 import base64
 import concurrent.futures as cf
@@ -14,11 +17,12 @@ from model.data import encode_png
 from support.live_server import SHIPPED, LiveServer
 
 N_IMAGES = 24
+FIRST = {"pass": "first"}  # the depth metrics' label of an image's first (here its only) pass
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = LiveServer(max_batch_size=16)
+    s = LiveServer(max_batch_size=16, router="entropy")
     yield s
     s.stop()
 
@@ -26,6 +30,13 @@ def server():
 @pytest.fixture(scope="module")
 def offline():
     return load_checkpoint(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def router(offline):
+    """The router the server runs: the catalog's entropy router at its default budget (the checkpoint's depth table
+    when it has no calibrated routers)."""
+    return offline.catalog.router("entropy")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +49,10 @@ def _classify_png(url, png, **params):
     return httpx.post(url + "/classify", content=png, headers={"Content-Type": "image/png"}, params=params, timeout=30)
 
 
-def test_predictions_equal_the_offline_model(server, offline, test_images):
+def test_predictions_equal_the_offline_model(server, offline, router, test_images):
     data, pngs = test_images
     h = complexity(data.images)
-    depths = offline.policy.auto(h)
+    depths = router.first(data.images, h)
     with torch.no_grad():
         x = offline.preprocessing.normalise(data.images)
         probs = torch.stack(
@@ -51,7 +62,8 @@ def test_predictions_equal_the_offline_model(server, offline, test_images):
         r = _classify_png(server.url, png, top_k=10)
         assert r.status_code == 200, r.text
         result = r.json()["results"][0]
-        assert result["depth"] == int(depths[i]) and result["depth_reason"] == "auto"
+        assert result["depth"] == int(depths[i]) and result["depth_reason"] == "entropy"
+        assert result["escalated"] is False and result["depths_run"] == [int(depths[i])]
         assert result["complexity"] == pytest.approx(float(h[i]), abs=1e-4)
         top = result["predictions"][0]
         assert top["class_id"] == int(probs[i].argmax()) and top["label"] == offline.classes[top["class_id"]]
@@ -84,8 +96,9 @@ def test_json_base64_and_options(server, test_images):
     out = r.json()
     assert [len(x["predictions"]) for x in out["results"]] == [2, 2, 2]
     assert {x["depth"] for x in out["results"]} == {3} and {x["depth_reason"] for x in out["results"]} == {"requested"}
-    assert set(out["timings_ms"]) == {"queue", "preprocess", "inference", "total"}
-    assert "inference;dur=" in r.headers["server-timing"]
+    assert set(out["timings_ms"]) == {"queue", "preprocess", "inference", "escalation", "total"}
+    assert out["timings_ms"]["escalation"] == 0  # a requested depth never runs a second pass
+    assert "inference;dur=" in r.headers["server-timing"] and "escalation;dur=0.000" in r.headers["server-timing"]
 
 
 def test_request_id_is_echoed_or_made(server, test_images):
@@ -103,14 +116,14 @@ def test_request_id_is_echoed_or_made(server, test_images):
     assert r.status_code == 200 and r.headers["x-request-id"] != "x" * 200
 
 
-def test_max_depth_caps_and_metrics_move_exactly(server, test_images, offline):
+def test_max_depth_caps_and_metrics_move_exactly(server, test_images, router):
     data, pngs = test_images
-    auto = offline.policy.auto(complexity(data.images))
+    auto = router.first(data.images, complexity(data.images))
     deep = [i for i in range(N_IMAGES) if auto[i] > 1]
     assert deep, "the test slice should hold images routed deeper than 1"
     before = {
-        "capped": server.metric("puppet_depth_chosen_total", depth="1", reason="capped"),
-        "requested": server.metric("puppet_depth_chosen_total", depth="4", reason="requested"),
+        "capped": server.metric("puppet_depth_chosen_total", depth="1", reason="capped", **FIRST),
+        "requested": server.metric("puppet_depth_chosen_total", depth="4", reason="requested", **FIRST),
         "ok": server.metric("puppet_requests_total", route="/classify", status="200"),
         "bad": server.metric("puppet_requests_total", route="/classify", status="415"),
     }
@@ -120,8 +133,10 @@ def test_max_depth_caps_and_metrics_move_exactly(server, test_images, offline):
     for png in pngs[:5]:
         assert _classify_png(server.url, png, depth=4).json()["results"][0]["depth"] == 4
     httpx.post(server.url + "/classify", content=b"hello", headers={"Content-Type": "text/plain"})
-    assert server.metric("puppet_depth_chosen_total", depth="1", reason="capped") - before["capped"] == len(deep)
-    assert server.metric("puppet_depth_chosen_total", depth="4", reason="requested") - before["requested"] == 5
+    assert server.metric("puppet_depth_chosen_total", depth="1", reason="capped", **FIRST) - before["capped"] == len(
+        deep
+    )
+    assert server.metric("puppet_depth_chosen_total", depth="4", reason="requested", **FIRST) - before["requested"] == 5
     assert server.metric("puppet_requests_total", route="/classify", status="200") - before["ok"] == len(deep) + 5
     assert server.metric("puppet_requests_total", route="/classify", status="415") - before["bad"] == 1
 
@@ -215,7 +230,7 @@ def test_upload_over_the_byte_limit_is_413(test_images):
         s.stop()
 
 
-def test_model_description(server, offline):
+def test_model_description(server, offline, router):
     info = httpx.get(server.url + "/v1/model").json()
     assert info["classes"] == list(offline.classes)
     assert info["preprocessing"] == {
@@ -225,6 +240,9 @@ def test_model_description(server, offline):
         "std": list(offline.preprocessing.std),
     }
     assert info["depth_table"]["depths"] == list(offline.policy.depths)
+    assert info["router"]["name"] == "entropy" and info["router"]["settings"] == router.settings()
+    assert info["router"]["available"] == list(offline.catalog.names)
+    assert info["router"]["budget"] == offline.catalog.default_budget
     assert info["stored_parameters"] == offline.model.stored_parameters()
     # the default backend on the CPU is onnxruntime (PUPPET_BACKEND=auto), where it measured faster
     assert info["backend"] == "onnx" and info["provider"] == "CPUExecutionProvider"
@@ -325,13 +343,14 @@ def test_start_up_metrics(server, offline):
         "sha256": offline.sha256[:12],
     }
     assert server.metric("puppet_model_info", **labels) == 1
+    assert server.metric("puppet_router_info", router="entropy", budget=f"{offline.catalog.default_budget:g}") == 1
     assert server.metric("puppet_kernel_generation_seconds_count") == 1  # once, at start-up (onnx: folded at export)
     assert server.metric("puppet_model_load_seconds") > 0 and server.metric("puppet_warmup_seconds") > 0
 
 
 def test_without_the_kernel_cache_answers_are_the_same_and_kernels_are_regenerated_per_batch(server, test_images):
     _, pngs = test_images
-    s = LiveServer(kernel_cache="false")
+    s = LiveServer(kernel_cache="false", router="entropy")
     try:
         before = s.metric("puppet_kernel_generation_seconds_count")
         for png in pngs[:5]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, _randomise_norms
 from model import load_checkpoint, resolve_device
 from model import train as train_module
 from model.puppet import PuppetConfig, build_model
@@ -163,3 +163,84 @@ def test_resume_keeps_the_precision_it_started_with(tmp_path, monkeypatch):
     forced = _tiny(tmp_path, max_steps=None, batch_size=128, epochs=3, resume=True, bf16=False)
     train(forced, progress=False)
     assert forced.bf16 is False and load_checkpoint(forced.out).recipe["bf16"] is False
+
+
+def test_distillation_loss_is_the_tempered_kl():
+    from model.train import distillation_loss
+
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert float(distillation_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-7)
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)  # target p, student q at T = 2
+    expected = 4 * float((p * (p / q).log()).sum())
+    assert float(distillation_loss(s, t, 2.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_objective_distils_the_deepest_depth_from_the_teacher_and_the_rest_from_it():
+    from model.train import distillation_loss
+
+    torch.manual_seed(0)
+    model = build_model("puppet", PuppetConfig(widths=(4,), ranks=(2,), max_depth=3, image_size=8))
+    _randomise_norms(model)  # fresh residual branches are zero: every depth would answer alike
+    x, y, teacher = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), torch.randn(4, 10)
+    a, t = 0.7, 3.0
+    deep = model(x, 3)
+
+    def mixed(logits, soft):
+        return (1 - a) * F.cross_entropy(logits, y) + a * distillation_loss(logits, soft, t)
+
+    inplace = Objective(model, "all", 0.0, kd_alpha=a, kd_temperature=t, inplace_distillation=True)
+    expected = mixed(deep, teacher) + sum(mixed(model(x, d), deep.detach()) for d in (1, 2))
+    torch.testing.assert_close(inplace(x, y, teacher)[0], expected)
+    from_teacher = Objective(model, "all", 0.0, kd_alpha=a, kd_temperature=t, inplace_distillation=False)
+    torch.testing.assert_close(from_teacher(x, y, teacher)[0], sum(mixed(model(x, d), teacher) for d in (1, 2, 3)))
+    # in-place distillation needs no teacher; the deepest depth then learns from the labels alone
+    no_teacher = inplace(x, y)[0]
+    torch.testing.assert_close(
+        no_teacher, F.cross_entropy(deep, y) + sum(mixed(model(x, d), deep.detach()) for d in (1, 2))
+    )
+    # the shallow depths' targets are detached: the gradient is that of the detached expression, not the attached one
+
+    def head_grad(loss):
+        model.zero_grad()
+        loss.backward()
+        return model.head.weight.grad.clone()
+
+    def manual(detach):
+        d = model(x, 3)
+        target = d.detach() if detach else d
+        return F.cross_entropy(d, y) + sum(mixed(model(x, k), target) for k in (1, 2))
+
+    got = head_grad(inplace(x, y)[0])
+    torch.testing.assert_close(got, head_grad(manual(detach=True)))
+    assert not torch.allclose(got, head_grad(manual(detach=False)))
+
+
+def test_training_with_a_teacher_caches_its_logits_for_both_views(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "TEACHER_CACHE", tmp_path / "cache")
+    teacher_cfg = TrainConfig(
+        **SMALL, kind="twin", depth_sampling="max", epochs=1, max_steps=3, batch_size=50, limit=600, val_size=100,
+        out=str(tmp_path / "twin.safetensors"), bf16=False,
+    )  # fmt: skip
+    train(teacher_cfg, progress=False)
+    cfg = TrainConfig(
+        **SMALL, epochs=1, max_steps=3, batch_size=50, limit=600, val_size=100, out=str(tmp_path / "p.safetensors"),
+        teacher=teacher_cfg.out, bf16=False,
+    )  # fmt: skip
+    ckpt = train(cfg, progress=False)
+    from model.checkpoint import file_sha256
+
+    assert ckpt.recipe["teacher"] == teacher_cfg.out and ckpt.recipe["teacher_sha256"] == file_sha256(teacher_cfg.out)
+    assert ckpt.recipe["kd_alpha"] == 0.9 and ckpt.recipe["inplace_distillation"] is True
+    (cached,) = (tmp_path / "cache").iterdir()
+    logits = torch.load(cached, weights_only=True)
+    from model import load_dataset
+
+    data = load_dataset("fashion-mnist", "train").subset(slice(0, 600))
+    train_set, _ = train_module.split_train_val(data, 100, 0)
+    teacher = load_checkpoint(teacher_cfg.out)
+    assert logits.shape == (2, 500, 10)
+    with torch.no_grad():
+        teacher.model.cache_kernels()
+        for view, images in enumerate((train_set.images[:20], train_set.images[:20].flip(3))):
+            direct = teacher.model(teacher.preprocessing.normalise(images))
+            torch.testing.assert_close(logits[view, :20], direct, rtol=1e-4, atol=1e-4)
