@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -277,8 +278,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
         elapsed += seconds
         if _is_main():
             ckpt = _end_of_epoch(
-                cfg, run.model, run.pre, run.val_set, run.classes, epoch, step, train_loss, train_acc, elapsed
-            )
+                cfg, run.model, run.pre, run.val_set, run.classes, epoch, step, train_loss, train_acc, elapsed,
+                trained_on=describe_device(device, world),
+            )  # fmt: skip
             _save_state(run, epoch, step, elapsed)
         if world > 1:
             dist.barrier()
@@ -492,7 +494,28 @@ def _save_state(run: _Run, epoch: int, step: int, elapsed: float) -> None:
     tmp.replace(run.state_path)
 
 
-def _end_of_epoch(cfg, model, pre, val_set, classes, epoch, step, train_loss, train_acc, elapsed) -> Checkpoint:
+def describe_device(device: torch.device, world: int) -> str:
+    """What trained a checkpoint, for its metrics: the device's kind and model, and how many processes."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        lines = _cpu_model_lines(CPUINFO)
+        name = f"{lines[0]} ({os.cpu_count()} cores)" if lines else platform.processor() or "unknown CPU"
+    return f"{device.type}: {name}, {world} training process(es)"
+
+
+@functools.cache
+def _cpu_model_lines(cpuinfo: str) -> list[str]:
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return []
+    return [line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")]
+
+
+def _end_of_epoch(
+    cfg, model, pre, val_set, classes, epoch, step, train_loss, train_acc, elapsed, *, trained_on: str = ""
+) -> Checkpoint:
     logits = predict_all_depths(model, val_set.images, pre)
     correct = (logits.argmax(-1) == val_set.labels).T  # (N, D)
     val_acc = correct.float().mean(0).tolist()
@@ -525,7 +548,12 @@ def _end_of_epoch(cfg, model, pre, val_set, classes, epoch, step, train_loss, tr
         version=f"{VERSION_PREFIX}-{cfg.kind}-{cfg.dataset}-e{epoch + 1}",
         dataset=cfg.dataset,
         recipe=recipe,
-        metrics={"validation": record, "history": cfg.history, "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+        metrics={
+            "validation": record,
+            "history": cfg.history,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "trained_on": trained_on,
+        },
     )
     save_checkpoint(ckpt, cfg.out)
     return ckpt

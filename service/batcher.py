@@ -13,6 +13,7 @@ pass, and `DepthPolicy.choose` applies the request's depth, the degrade depth an
 image whose depth the router chose (its reason is the router's name) is then offered to `router.escalate` with its
 first pass's probabilities; a second depth, capped by the same rule, that is deeper than the first runs in a second
 model call for all such images of the batch, and its probabilities are the answer (only the cascade escalates).
+Requests with no image to run again are answered before that second call.
 
 An exception in one batch fails only that batch's requests (`InferenceFailed`, with an error id that is
 logged). A worker thread that dies anyway is restarted by a supervisor thread after a back-off (doubling
@@ -354,23 +355,53 @@ class Batcher:
         probs, seconds = self.backend.predict(images, torch.tensor(routing.first))
         inference_s = time.perf_counter() - start
         self._escalate(live, probs, routing)
-        probs, escalation_s = self._second_pass(images, probs, routing)
         hs = h.tolist()
+        waits = _items_escalated(live, routing)
+        # requests with no image to run again are answered now: they do not wait for the batch's second pass
+        self._answer(live, [not w for w in waits], routing, probs, hs, (start, inference_s, 0.0))
+        probs, escalation_s = self._second_pass(images, probs, routing)
+        self._answer(live, waits, routing, probs, hs, (start, inference_s, escalation_s))
         self._record(len(images), routing, hs, seconds)
-        values, classes = probs.sort(dim=1, descending=True)  # once per batch, not per request on the loop
-        ranked = [list(zip(c, v, strict=True)) for c, v in zip(classes.tolist(), values.tolist(), strict=True)]
-        k, settled = 0, []
+        if 2 * len(images) >= self.max_batch_size:  # small batches cost more an image: they would misprice a queue
+            routed = [r == self.router.name for r in routing.first_reasons]
+            self.costs.observe(routing.first, routed, time.perf_counter() - start, second=routing.second)
+
+    def _answer(
+        self,
+        live: list[_Item],
+        chosen: list[bool],
+        routing: _Routing,
+        probs: torch.Tensor,
+        hs: list[float],
+        times: tuple[float, float, float],
+    ) -> None:
+        """Settle the chosen requests of the batch with their ranked answers; `times` is (the batch's start, its first
+        pass's seconds, its second pass's seconds)."""
+        start, inference_s, escalation_s = times
+        offsets = [0]
         for item in live:
-            m = len(item.images)
-            results = [self._result(routing, k + i, probs[k + i], ranked[k + i], hs[k + i]) for i in range(m)]
-            k += m
+            offsets.append(offsets[-1] + len(item.images))
+        rows = [r for item_no, c in enumerate(chosen) if c for r in range(offsets[item_no], offsets[item_no + 1])]
+        if not rows:
+            return
+        values, classes = probs[rows].sort(dim=1, descending=True)  # once for these requests, not per request
+        ranked = dict(
+            zip(
+                rows,
+                (list(zip(c, v, strict=True)) for c, v in zip(classes.tolist(), values.tolist(), strict=True)),
+                strict=True,
+            )
+        )
+        settled = []
+        for item_no, item in enumerate(live):
+            if not chosen[item_no]:
+                continue
+            span = range(offsets[item_no], offsets[item_no + 1])
+            results = [self._result(routing, i, probs[i], ranked[i], hs[i]) for i in span]
             metrics.QUEUE_WAIT.observe(start - item.enqueued)
             timings = BatchTimings(start - item.enqueued, inference_s, item.estimate_s, escalation_s)
             settled.append((item, (results, timings), None))
         _settle(settled)
-        if 2 * len(images) >= self.max_batch_size:  # small batches cost more an image: they would misprice a queue
-            routed = [r == self.router.name for r in routing.first_reasons]
-            self.costs.observe(routing.first, routed, time.perf_counter() - start, second=routing.second)
 
     @staticmethod
     def _result(routing: _Routing, i: int, probs: torch.Tensor, ranked: list, h: float) -> ImageResult:
@@ -471,6 +502,15 @@ def _inputs(live: list[_Item], pre: Preprocessing) -> tuple[torch.Tensor, torch.
     mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
     std = torch.tensor(pre.std).view(1, -1, 1, 1)
     return x, (x * std + mean).clamp(0, 1)
+
+
+def _items_escalated(live: list[_Item], routing: _Routing) -> list[bool]:
+    """Per request of the batch: whether any of its images runs a second pass."""
+    out, k = [], 0
+    for item in live:
+        out.append(any(routing.second[k : k + len(item.images)]))
+        k += len(item.images)
+    return out
 
 
 def _fail(batch: list[_Item], message: str) -> None:

@@ -168,6 +168,44 @@ def test_max_depth_caps_the_second_pass_and_a_requested_depth_never_escalates(ck
     torch.testing.assert_close(served, direct(ckpt, images[:20], final), atol=1e-5, rtol=0)
 
 
+class _Recording:
+    """A backend whose calls are timed: when each model call started and ended."""
+
+    def __init__(self, backend):
+        self.backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def predict(self, images, depths):
+        t0 = time.perf_counter()
+        out = self.backend.predict(images, depths)
+        self.calls.append((t0, time.perf_counter()))
+        return out
+
+
+def test_requests_with_nothing_to_run_again_are_answered_before_the_second_pass(ckpt, backends, data):
+    images, _, _ = data
+    backend = _Recording(backends["torch"])
+    batcher = _batcher(ckpt, backend, CascadeRouter(1, 3, 1.01, 3))
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        requests = [(images[:4], 2), (images[4:8], None), (images[8:12], 1)]  # requested, escalated, requested
+        items = [
+            _Item(x, depth, None, time.perf_counter() + 60, loop, loop.create_future(), 0, 0.0) for x, depth in requests
+        ]
+        batcher._process(items)
+        return items, [await item.future for item in items]
+
+    items, answers = asyncio.run(go())
+    (_, first_end), (second_start, second_end) = backend.calls
+    assert first_end <= items[0].answered < second_start and first_end <= items[2].answered < second_start
+    assert items[1].answered >= second_end
+    assert [t.escalation_s == 0 for _, t in answers] == [True, False, True]
+    assert [r.depths_run for r in answers[1][0]] == [[1, 3]] * 4 and [r.depth for r in answers[2][0]] == [1] * 4
+
+
 def test_degraded_requests_are_capped_in_both_passes(ckpt, backends, data):
     images, _, _ = data
     cascade = CascadeRouter(1, 3, 1.01, 3)
