@@ -144,7 +144,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     out = save_checkpoint(ckpt, args.out or args.checkpoint)
     point = ckpt.routers.point(ckpt.routers.default_router)
     print(
-        f"wrote {out}: default router {ckpt.routers.default_router} at budget {args.budget} "
+        f"wrote {out}: default router {ckpt.routers.default_router} at budget {ckpt.routers.default_budget:.3f} "
         f"(validation {100 * point['val_accuracy']:.2f}% at {point['val_macs'] / 1e6:.1f} MMACs)"
     )
     return 0

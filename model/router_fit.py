@@ -64,7 +64,8 @@ class SplitOutputs:
 
     @property
     def pixels(self) -> int:
-        return self.images.shape[-1] * self.images.shape[-2]
+        """Numbers in one image (channels x height x width): what the routers' own cost scales with."""
+        return self.images[0].numel()
 
 
 def simulate(router: Router, split: SplitOutputs) -> dict:
@@ -108,9 +109,12 @@ def entropy_curve(split: SplitOutputs, bins: int = ENTROPY_BINS) -> list[dict]:
     q = torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1]
     edges = torch.quantile(h.double(), q).float().unique()
     bin_of = torch.bucketize(h, edges, right=True)
-    acc = torch.stack([correct[bin_of == b].mean(0) for b in range(len(edges) + 1)])  # (B, D)
+    acc = torch.stack([correct[bin_of == b].mean(0) for b in range(len(edges) + 1)])  # (B, D); NaN: empty bin
+    empty = acc.isnan().any(dim=1)  # a bin no image fell in (tied quantiles) runs at max depth
     cost = torch.tensor(split.macs_by_depth, dtype=torch.float32) / split.macs_by_depth[-1]
-    tables = {tuple((acc - lam * cost).argmax(1).add(1).tolist()) for lam in PENALTIES}
+    tables = {
+        tuple(torch.where(empty, d_max, (acc.nan_to_num(0.0) - lam * cost).argmax(1) + 1).tolist()) for lam in PENALTIES
+    }
     edges_t = tuple(float(e) for e in edges)
     return pareto([_point(EntropyRouter(DepthPolicy(edges_t, t, d_max)), split) for t in sorted(tables)])
 
@@ -194,4 +198,8 @@ def choose_default(curves: dict, split: SplitOutputs, budget: float, tolerance: 
         name, point = min(close, key=lambda np_: (np_[1]["val_macs"], -np_[1]["val_accuracy"]))
     else:
         name, point = max(within, key=lambda np_: (np_[1]["val_accuracy"], -np_[1]["val_macs"]))
-    return name, math.ceil(1000 * point["val_macs"] / macs_max) / 1000
+    budget = math.ceil(1000 * point["val_macs"] / macs_max) / 1000
+    catalog = RouterCatalog(curves, split.macs_by_depth, name, budget)
+    if catalog.point(name) is not point:  # rounding up reached a dearer point: keep the exact share
+        budget = point["val_macs"] / macs_max
+    return name, budget

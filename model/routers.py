@@ -54,7 +54,8 @@ class Router:
         raise NotImplementedError
 
     def router_macs(self, image_pixels: int) -> int:
-        """What the routing decision itself costs an image, in multiply-accumulates."""
+        """What the routing decision itself costs an image of `image_pixels` numbers (C x H x W), in
+        multiply-accumulates."""
         return COMPLEXITY_MACS_PER_PIXEL * image_pixels
 
     def settings(self) -> dict:

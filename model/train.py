@@ -22,6 +22,7 @@ servable checkpoint (depth table calibrated on the validation split) and a resum
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -276,12 +277,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
     for epoch in range(start_epoch, cfg.epochs):
         step, train_loss, train_acc, seconds = _train_epoch(run, runner, epoch, step, progress)
         elapsed += seconds
+        rng = _rng_states(world)  # every rank's generator, so a resumed run draws what it would have
         if _is_main():
             ckpt = _end_of_epoch(
                 cfg, run.model, run.pre, run.val_set, run.classes, epoch, step, train_loss, train_acc, elapsed,
                 trained_on=describe_device(device, world),
             )  # fmt: skip
-            _save_state(run, epoch, step, elapsed)
+            _save_state(run, epoch, step, elapsed, rng)
         if world > 1:
             dist.barrier()
         if cfg.max_steps and step >= cfg.max_steps:
@@ -334,44 +336,61 @@ def _set_up(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> _R
     steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
     opt, sched = _optimiser(cfg, model, total_steps=cfg.epochs * steps_per_epoch)
     state_path = Path(cfg.out).with_suffix(".state.pt")
-    teacher = _teacher_logits(cfg, train_set, data.classes, rank, world)
+    teacher = _teacher_logits(cfg, train_set, data.classes, device, rank, world)
     return _Run(cfg, device, rank, world, data.classes, train_set, val_set, pre, model, opt, sched, state_path, teacher)
 
 
-TEACHER_CACHE = Path("runs") / "teacher-logits"
+TEACHER_CACHE = Path(os.environ.get("PUPPET_TEACHER_CACHE", "runs/teacher-logits"))
 
 
 def _teacher_logits(
-    cfg: TrainConfig, train_set: Dataset, classes: tuple[str, ...], rank: int, world: int
+    cfg: TrainConfig, train_set: Dataset, classes: tuple[str, ...], device: torch.device, rank: int, world: int
 ) -> torch.Tensor | None:
     """The teacher's float32 logits on every training image and its mirror image, (2, N, K), on the CPU.
 
-    Computed once by rank 0 and cached under runs/teacher-logits/, keyed by the teacher file's sha256 and the
-    split; the other ranks wait for the file. The teacher's sha256 goes into the recipe."""
+    Computed once by rank 0 on the training device and cached under runs/teacher-logits/, keyed by the teacher
+    file's sha256 and a hash of the training images and labels; the other ranks wait, and fail with rank 0 when it
+    fails. Rank 0 loads the teacher whether the cache is warm or not: building it draws from the seeded generator,
+    so a run is the same either way. The teacher's sha256 goes into the recipe."""
     if not cfg.teacher:
         return None
     from model.checkpoint import file_sha256, load_checkpoint
 
     sha = file_sha256(cfg.teacher)
     cfg.teacher_sha256 = sha
-    split = f"{cfg.dataset}-s{cfg.seed}-v{cfg.val_size}-l{cfg.limit}-n{len(train_set)}"
-    path = TEACHER_CACHE / f"{sha[:16]}-{split}.pt"
-    if rank == 0 and not path.exists():
-        teacher = load_checkpoint(cfg.teacher)
-        if tuple(teacher.classes) != tuple(classes):
-            raise ValueError(f"teacher {cfg.teacher} has classes {teacher.classes}, the data set {classes}")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(threads, os.cpu_count() or 1))  # the other ranks only wait meanwhile
-        plain = _logits(teacher, train_set.images)
-        mirrored = _logits(teacher, train_set.images.flip(3))
-        torch.set_num_threads(threads)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(torch.stack([plain, mirrored]), tmp)
-        tmp.replace(path)
+    data = hashlib.sha256(train_set.images.numpy().tobytes() + train_set.labels.numpy().tobytes()).hexdigest()
+    path = TEACHER_CACHE / f"{sha[:16]}-{data[:16]}.pt"
+    error = None
+    if rank == 0:
+        try:
+            teacher = load_checkpoint(cfg.teacher, device)
+            if tuple(teacher.classes) != tuple(classes):
+                raise ValueError(f"teacher {cfg.teacher} has classes {teacher.classes}, the data set {classes}")
+            if not path.exists():
+                _cache_teacher_logits(teacher, train_set.images, path)
+        except Exception as e:  # the other ranks must not wait at the barrier for ever
+            error = f"rank 0 could not prepare the teacher's logits: {e}"
+            if world == 1:
+                raise
     if world > 1:
-        dist.barrier()
+        status = [error]
+        dist.broadcast_object_list(status, src=0)
+        if status[0]:
+            raise RuntimeError(status[0])
     return torch.load(path, weights_only=True)
+
+
+def _cache_teacher_logits(teacher: Checkpoint, images: torch.Tensor, path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))  # the other ranks only wait meanwhile
+    try:
+        logits = torch.stack([_logits(teacher, images), _logits(teacher, images.flip(3))])
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(logits, tmp)
+    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -379,8 +398,9 @@ def _logits(ckpt: Checkpoint, images: torch.Tensor, batch_size: int = 1000) -> t
     """A checkpoint's float32 logits at its max depth, (N, K), on the CPU."""
     model = ckpt.model.eval()
     model.cache_kernels()
+    device = next(model.parameters()).device
     out = [
-        model(ckpt.preprocessing.normalise(images[i : i + batch_size])).float()
+        model(ckpt.preprocessing.normalise(images[i : i + batch_size].to(device))).float().cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out)
@@ -424,7 +444,8 @@ def _resume(run: _Run, auto_bf16: bool) -> tuple[int, int, float]:
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     cfg.history = json.loads(state["history"])
-    torch.set_rng_state(state["rng"])
+    by_rank = state.get("rng_by_rank")  # states written before it existed kept rank 0's only
+    torch.set_rng_state(by_rank[run.rank] if by_rank and len(by_rank) == run.world else state["rng"])
     if auto_bf16 and "bf16" in state:  # a resumed run keeps its precision; an explicit --bf16/--no-bf16 wins
         cfg.bf16 = bool(state["bf16"])
     return state["epoch"], state["step"], state["elapsed"]
@@ -474,7 +495,16 @@ def _train_epoch(
     return step, loss_sum / max(seen, 1), correct / max(seen, 1), time.perf_counter() - t0
 
 
-def _save_state(run: _Run, epoch: int, step: int, elapsed: float) -> None:
+def _rng_states(world: int) -> list[torch.Tensor]:
+    """Every rank's CPU random state, gathered on all ranks (every rank must call this)."""
+    if world == 1:
+        return [torch.get_rng_state()]
+    states: list = [None] * world
+    dist.all_gather_object(states, torch.get_rng_state())
+    return states
+
+
+def _save_state(run: _Run, epoch: int, step: int, elapsed: float, rng: list[torch.Tensor]) -> None:
     """The resumable training state after `epoch`, written atomically: a crash mid-save keeps the last good state."""
     tmp = run.state_path.with_suffix(".tmp")
     torch.save(
@@ -486,7 +516,8 @@ def _save_state(run: _Run, epoch: int, step: int, elapsed: float) -> None:
             "step": step,
             "elapsed": elapsed,
             "history": json.dumps(run.cfg.history),
-            "rng": torch.get_rng_state(),
+            "rng": rng[0],
+            "rng_by_rank": rng,
             "bf16": run.cfg.bf16,
         },
         tmp,

@@ -108,7 +108,16 @@ def make_router(s: Settings, ckpt: Checkpoint) -> tuple[Router, float]:
             f"router {name!r} (PUPPET_ROUTER) is not calibrated in checkpoint {ckpt.path}; it offers "
             f"{', '.join(catalog.names)}"
         )
-    router = catalog.router(name, budget)
+    point = catalog.point(name, budget)
+    macs_max = catalog.macs_by_depth[-1]
+    if point["val_macs"] > budget * macs_max * (1 + 1e-9):
+        log.warning(
+            "no %s point costs %g of max depth's MACs or less; serving its cheapest, %.3f on validation",
+            name,
+            budget,
+            point["val_macs"] / macs_max,
+        )
+    router = catalog.build(name, point)
     if router.max_depth != ckpt.config.max_depth:
         raise StartupFailed(
             f"checkpoint {ckpt.path}: its {name} router routes to {router.max_depth} depths, the model has "

@@ -16,7 +16,6 @@ from model.router_fit import (
     entropy_curve,
     fit_difficulty_net,
     fit_routers,
-    learned_curve,
     pareto,
     simulate,
 )
@@ -118,9 +117,17 @@ def test_cascade_cost_counts_both_passes(split):
 
 
 def test_entropy_and_learned_routers_cost_their_own_decision(split):
-    px = split.pixels
+    px = split.pixels  # 12 x 12 grey
     out = simulate(EntropyRouter(DepthPolicy.constant(3)), split)
-    assert (out["macs"] == split.macs_by_depth[2] + 18 * px).all()
+    assert (out["macs"] == split.macs_by_depth[2] + 18 * 144).all()  # two 3x3 Sobel filters a pixel
+    net = fit_difficulty_net(split, hidden=4, steps=5)
+    cost = tuple(m / split.macs_by_depth[-1] for m in split.macs_by_depth)
+    from model.routers import LearnedRouter
+
+    out = simulate(LearnedRouter(net, 0.0, cost), split)
+    own = 18 * px + px + (50 + 50 * 4 + 4 * 3)  # H, pooling, standardising, two layers
+    macs = torch.tensor(split.macs_by_depth, dtype=torch.float64)
+    assert torch.equal(out["macs"], macs[out["first"] - 1] + own)
 
 
 def test_pareto_keeps_only_points_that_buy_accuracy():
@@ -146,10 +153,16 @@ def test_entropy_curve_spans_cheapest_to_best_per_bin(split):
     )
 
 
-def test_cascade_and_learned_curves_are_pareto_fronts(split):
-    net = fit_difficulty_net(split, hidden=4, steps=30)
-    for curve in (cascade_curve(split), learned_curve(split, net)):
-        assert curve == pareto(curve) and len(curve) >= 1
+def test_the_cascade_curve_dominates_every_cascade_it_tried(split):
+    """Against brute force over the grid: no cascade tried is cheaper and more accurate than a curve point."""
+    from model.router_fit import THRESHOLDS, _point
+
+    curve = cascade_curve(split)
+    tried = [_point(CascadeRouter(d1, d2, t, 3), split) for d1 in (1, 2) for d2 in range(d1 + 1, 4) for t in THRESHOLDS]
+    assert max(p["val_accuracy"] for p in curve) == max(p["val_accuracy"] for p in tried)
+    for p in tried:
+        assert any(c["val_macs"] <= p["val_macs"] and c["val_accuracy"] >= p["val_accuracy"] for c in curve), p
+    assert all(a["val_macs"] < b["val_macs"] for a, b in itertools.pairwise(curve))
 
 
 def test_the_difficulty_net_learns_a_signal_it_can_see():

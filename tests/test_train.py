@@ -65,19 +65,26 @@ def test_resume_continues_from_the_saved_state(tmp_path):
 
 
 def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
+    """Two processes, distilling from a teacher whose logits rank 0 caches while rank 1 waits."""
+    teacher = TrainConfig(
+        widths=(8, 16), ranks=(4, 8), max_depth=2, kind="twin", depth_sampling="max", limit=1200, val_size=200,
+        batch_size=50, epochs=1, max_steps=2, out=str(tmp_path / "twin.safetensors"), bf16=False,
+    )  # fmt: skip
+    train(teacher, progress=False)
     out = tmp_path / "ddp.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "PUPPET_TEACHER_CACHE": str(tmp_path / "cache")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "service.cli", "train", "--widths", "8,16", "--ranks", "4,8", "--max-depth", "2",
         "--limit", "1200", "--val-size", "200", "--batch-size", "50", "--epochs", "1", "--max-steps", "6",
-        "--threads", "1", "--quiet", "--out", str(out),
+        "--threads", "1", "--quiet", "--out", str(out), "--teacher", teacher.out,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = load_checkpoint(out)
-    assert ckpt.metrics["world_size"] == 2
+    assert ckpt.metrics["world_size"] == 2 and ckpt.metrics["trained_on"].endswith("2 training process(es)")
     assert ckpt.metrics["validation"]["step"] == 6  # each rank stepped 6 times on its half of the data
+    assert ckpt.recipe["teacher"] == teacher.out and len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def test_objectives_cover_the_depths():
@@ -244,3 +251,38 @@ def test_training_with_a_teacher_caches_its_logits_for_both_views(tmp_path, monk
         for view, images in enumerate((train_set.images[:20], train_set.images[:20].flip(3))):
             direct = teacher.model(teacher.preprocessing.normalise(images))
             torch.testing.assert_close(logits[view, :20], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_each_step_gets_the_teacher_row_of_its_own_images_and_view(tmp_path, monkeypatch):
+    """The cached row for image i and view v holds (i, v): every step must receive (its indices, its flips)."""
+    n = 500
+
+    def fake_teacher(cfg, train_set, classes, device, rank, world):
+        rows = torch.zeros(2, n, 10)
+        rows[:, :, 0] = torch.arange(n, dtype=torch.float32)
+        rows[1, :, 1] = 1.0
+        return rows
+
+    flips_seen, index_seen = [], []
+
+    def flipping(images, pad=2):  # no shift; every other image mirrored
+        flip = torch.arange(len(images)) % 2 == 1
+        return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images), flip
+
+    class Spy(Objective):
+        def forward(self, x, y, teacher=None):
+            index_seen.append(teacher[:, 0].long())
+            flips_seen.append(teacher[:, 1].bool())
+            return super().forward(x, y, None)
+
+    monkeypatch.setattr(train_module, "_teacher_logits", fake_teacher)
+    monkeypatch.setattr(train_module, "augment_with_flips", flipping)
+    monkeypatch.setattr(train_module, "Objective", Spy)
+    cfg = TrainConfig(
+        **SMALL, epochs=1, max_steps=3, batch_size=50, limit=600, val_size=100, out=str(tmp_path / "p.safetensors"),
+        teacher="unused", bf16=False,
+    )  # fmt: skip
+    train(cfg, progress=False)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000))
+    assert torch.equal(torch.cat(index_seen), perm[:150])  # the step's own images, in order
+    assert all(torch.equal(f, torch.arange(50) % 2 == 1) for f in flips_seen)  # and the view each was shown in
