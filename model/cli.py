@@ -57,6 +57,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "AVX512-BF16/AMX; float32 elsewhere)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the validation split (default: --seed); keep the teacher's",
+    )
     p.add_argument("--val-size", type=int, default=defaults.val_size)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--max-steps", type=int, default=None)

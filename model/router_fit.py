@@ -171,7 +171,9 @@ def validation_split(ckpt: Checkpoint, data_dir: str | Path | None = None) -> Da
     data = load_dataset(ckpt.dataset or "fashion-mnist", "train", Path(data_dir) if data_dir else None)
     if r.get("limit"):
         data = data.subset(slice(0, r["limit"]))
-    _, val = split_train_val(data, min(int(r.get("val_size", 6000)), len(data) // 5), int(r.get("seed", 0)))
+    seed = r.get("split_seed")
+    seed = int(r.get("seed", 0)) if seed is None else int(seed)
+    _, val = split_train_val(data, min(int(r.get("val_size", 6000)), len(data) // 5), seed)
     return val
 
 

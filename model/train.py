@@ -72,6 +72,7 @@ class TrainConfig:
     augment: bool = True
     bf16: bool | None = None  # bf16 autocast; None: where the device computes bf16 natively (`native_bf16`)
     seed: int = 0
+    split_seed: int | None = None  # which validation split; None: `seed` (ablation seeds keep their teacher's split)
     val_size: int = 6000
     limit: int | None = None  # use only the first `limit` training images (tests, smoke runs)
     max_steps: int | None = None  # stop after this many optimiser steps in total
@@ -329,7 +330,8 @@ def _set_up(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> _R
     data = load_dataset(cfg.dataset, "train", Path(cfg.data_dir) if cfg.data_dir else None)
     if cfg.limit:
         data = data.subset(slice(0, cfg.limit))
-    train_set, val_set = split_train_val(data, min(cfg.val_size, len(data) // 5), cfg.seed)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_set, val_set = split_train_val(data, min(cfg.val_size, len(data) // 5), split_seed)
     mean, std = channel_stats(train_set.images)
     pre = Preprocessing(train_set.images.shape[-1], train_set.images.shape[1], mean, std)
     model = _build_model(cfg, pre, len(data.classes)).to(device)

@@ -252,3 +252,22 @@ def test_spearman_against_known_values():
     # ties get average ranks: [1, 2.5, 2.5, 4] against [1, 2, 3, 4]
     expected = 4.5 / math.sqrt(4.5 * 5)  # centred ranks [-1.5, 0, 0, 1.5] and [-1.5, -0.5, 0.5, 1.5]
     assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), a) == pytest.approx(expected)
+
+
+def test_the_validation_split_is_rebuilt_from_the_recipe(ckpt):
+    """Routers are calibrated on the split training held out: its seed is the split seed, else the seed."""
+    from model.data import load_dataset
+    from model.router_fit import validation_split
+    from model.train import split_train_val
+
+    data = load_dataset("fashion-mnist", "train").subset(slice(0, 1000))
+    _, seed0 = split_train_val(data, 200, 0)
+    _, seed1 = split_train_val(data, 200, 1)
+    for recipe, expected in (
+        ({"limit": 1000, "val_size": 200, "seed": 1}, seed1),
+        ({"limit": 1000, "val_size": 200, "seed": 1, "split_seed": 0}, seed0),
+    ):
+        ckpt.recipe, ckpt.dataset = recipe, "fashion-mnist"
+        assert torch.equal(validation_split(ckpt).labels, expected.labels)
+        assert torch.equal(validation_split(ckpt).images, expected.images)
+    assert not torch.equal(seed0.images, seed1.images)
