@@ -93,8 +93,13 @@ train-twin: setup
 # The ablations of docs/model-report.md on the full recipe (not yet trained: hours on this CPU, minutes on a GPU):
 # the ODE puppeteer against tied kernels at equal stored numbers (38,789 and 38,735), two seeds each, and a plain CNN
 # of the puppet's stored-number count (widths 8,11,18 at depth 4: 38,804). Every seed keeps the twin's validation
-# split (--split-seed 0), which the teacher never trained on. make evaluate does not read these yet.
+# split (--split-seed 0), which the teacher never trained on.
 ABLATIONS := checkpoints/ablation
+# make evaluate reports the full-recipe ablations once they exist, else the 3-epoch pair trained before them
+FULL_ODE := $(wildcard $(ABLATIONS)/ode-s*.safetensors)
+FULL_TIED := $(wildcard $(ABLATIONS)/tied-s*.safetensors)
+FULL_PLAIN := $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors)
+ABLATION_FLAGS := $(if $(FULL_ODE)$(FULL_TIED),$(if $(FULL_ODE),--ablation-ode $(FULL_ODE)) $(if $(FULL_TIED),--ablation-tied $(FULL_TIED)),--ablation-ode $(ABLATIONS)/ode-puppeteer-3ep.safetensors --ablation-tied $(ABLATIONS)/tied-kernels-3ep.safetensors) $(if $(FULL_PLAIN),--plain-cnn $(FULL_PLAIN))
 ablations: setup
 	for seed in 0 1; do \
 	  $(TORCHRUN) train $(PUPPET_RECIPE) --seed $$seed --split-seed 0 --out $(ABLATIONS)/ode-s$$seed.safetensors --resume && \
@@ -104,7 +109,7 @@ ablations: setup
 	$(TORCHRUN) train $(PUPPET_RECIPE) --kind twin --depth-sampling max --widths 8,11,18 --out $(ABLATIONS)/plain-cnn-39k.safetensors --resume
 
 evaluate: setup
-	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --threads 1 --out docs --ablation checkpoints/ablation/ode-puppeteer-3ep.safetensors checkpoints/ablation/tied-kernels-3ep.safetensors
+	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --threads 1 --out docs $(ABLATION_FLAGS)
 
 clean:
 	rm -rf $(VENV) .venv-peers .pytest_cache .ruff_cache *.egg-info

@@ -92,9 +92,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", default=str(SHIPPED_CHECKPOINT))
     p.add_argument("--twin", default=None, help="static twin checkpoint, for the size and accuracy comparison")
-    p.add_argument(
-        "--ablation", nargs=2, metavar=("ODE", "TIED"), default=None, help="equal-budget ODE and tied checkpoints"
-    )
+    p.add_argument("--ablation-ode", nargs="+", default=[], help="ODE puppets of the ablation, one a seed")
+    p.add_argument("--ablation-tied", nargs="+", default=[], help="tied-kernel puppets of equal stored numbers")
+    p.add_argument("--plain-cnn", nargs="+", default=[], help="a plain CNN of the puppet's stored numbers")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="docs")
     p.add_argument("--threads", type=int, default=None)
@@ -109,8 +109,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    groups = {"ode": args.ablation_ode, "tied": args.ablation_tied, "plain": args.plain_cnn}
+    ablation = {name: paths for name, paths in groups.items() if paths} or None
     r = evaluate(
-        args.checkpoint, twin=args.twin, ablation=args.ablation, data_dir=args.data_dir, out=args.out, plots=args.plots
+        args.checkpoint, twin=args.twin, ablation=ablation, data_dir=args.data_dir, out=args.out, plots=args.plots
     )
     print(
         f"top-1 by depth {[round(100 * a, 2) for a in r['accuracy_by_depth']]}; served default "

@@ -45,13 +45,14 @@ def evaluate(
     checkpoint: str | Path,
     *,
     twin: str | Path | None = None,
-    ablation: tuple[str | Path, str | Path] | None = None,
+    ablation: dict[str, list[str | Path]] | None = None,
     data_dir: str | Path | None = None,
     out: str | Path = "docs",
     plots: bool = True,
     random_repeats: int = 100,
 ) -> dict:
-    """Evaluate and write the report. `ablation` is (ODE puppet, tied puppet) trained with one short recipe."""
+    """Evaluate and write the report. `ablation` maps "ode", "tied" (puppets of equal stored numbers, one
+    checkpoint a seed) and "plain" (a plain CNN of the puppet's stored numbers) to their checkpoints."""
     t_start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     test = load_dataset(ckpt.dataset or "fashion-mnist", "test", Path(data_dir) if data_dir else None)
@@ -156,17 +157,31 @@ def _against_twin(twin: str | Path, test: Dataset, report: dict) -> dict:
     }
 
 
-def _ablation(ablation: tuple[str | Path, str | Path], test: Dataset) -> dict:
-    """Accuracy at each depth of the equal-budget ODE and tied-kernel checkpoints."""
+def _ablation(groups: dict[str, list[str | Path]], test: Dataset) -> dict:
+    """Each group's checkpoints on the test split: accuracy at every depth, per seed and as mean and spread (half
+    the range), stored numbers, max depth's MACs, and the recipe of its first checkpoint."""
     result = {}
-    for name, path in zip(("ode", "tied"), ablation, strict=True):
-        a = load_checkpoint(path)
-        _, a_correct = accuracy_by_depth(a, test)
+    for name, paths in groups.items():
+        runs = []
+        for path in paths:
+            a = load_checkpoint(path)
+            _, a_correct = accuracy_by_depth(a, test)
+            runs.append(
+                {
+                    "checkpoint": str(path),
+                    "kind": a.kind,
+                    "accuracy_by_depth": a_correct.float().mean(0).tolist(),
+                    "stored_numbers": a.model.stored_numbers(),
+                    "stored_parameters": a.model.stored_parameters(),
+                    "macs_max_depth": a.model.macs(a.config.max_depth),
+                    "recipe": a.recipe,
+                }
+            )
+        accs = torch.tensor([r["accuracy_by_depth"] for r in runs])
         result[name] = {
-            "checkpoint": str(path),
-            "accuracy_by_depth": a_correct.float().mean(0).tolist(),
-            "stored_parameters": a.model.stored_parameters(),
-            "recipe": a.recipe,
+            "runs": runs,
+            "mean_by_depth": accs.mean(0).tolist(),
+            "spread_by_depth": ((accs.max(0).values - accs.min(0).values) / 2).tolist(),
         }
     return result
 

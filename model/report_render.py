@@ -188,23 +188,33 @@ def _md_size(r: dict) -> list[str]:
 
 
 def _md_ablation(r: dict) -> list[str]:
-    lines = ["## What the ODE contributes", ""]
-    if "ablation" not in r:
+    lines = ["## What the ODE contributes, and the plain CNN of the same size", ""]
+    a = r.get("ablation", {})
+    if "ode" not in a or "tied" not in a:
         return [*lines, "Not measured in this run (no ablation checkpoints given)."]
-    a = r["ablation"]
+    ode, tied = a["ode"], a["tied"]
+    rec = ode["runs"][0]["recipe"]
     lines += [
         "The puppeteer (dP/dl = G(P)) against tied kernels (G ≡ 0: every layer of a stage uses P_0), "
-        "trained with one short recipe "
-        f"({a['ode']['recipe'].get('epochs')} epochs, {a['ode']['recipe'].get('limit') or 'all'} training images):",
+        f"{len(ode['runs'])} and {len(tied['runs'])} seed(s), {rec.get('epochs')} epochs on "
+        f"{rec.get('limit') or 'all'} training images; mean ± half the range over seeds:",
         "",
         "| depth | ODE puppeteer | tied kernels |",
         "|---|---|---|",
     ]
-    for d in range(len(r["accuracy_by_depth"])):
+    for d in range(len(ode["mean_by_depth"])):
         lines.append(
-            f"| {d + 1} | {_pct(a['ode']['accuracy_by_depth'][d])} | {_pct(a['tied']['accuracy_by_depth'][d])} |"
+            f"| {d + 1} | {_pct(ode['mean_by_depth'][d])} ± {100 * ode['spread_by_depth'][d]:.2f} | "
+            f"{_pct(tied['mean_by_depth'][d])} ± {100 * tied['spread_by_depth'][d]:.2f} |"
         )
-    lines.append(f"| stored parameters | {a['ode']['stored_parameters']:,} | {a['tied']['stored_parameters']:,} |")
+    lines.append(f"| stored numbers | {ode['runs'][0]['stored_numbers']:,} | {tied['runs'][0]['stored_numbers']:,} |")
+    if "plain" in a:
+        p = a["plain"]["runs"][0]
+        lines += [
+            "",
+            f"A plain CNN of {p['stored_numbers']:,} stored numbers (every kernel stored, {p['macs_max_depth'] / 1e6:.1f} "
+            f"MMACs), same recipe: {_pct(p['accuracy_by_depth'][-1])}.",
+        ]
     return lines
 
 
