@@ -265,11 +265,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
     start_epoch, step, elapsed = 0, 0, 0.0
     if cfg.resume and run.state_path.exists():
         start_epoch, step, elapsed = _resume(run, auto_bf16)
+    if not (cfg.teacher or cfg.inplace_distillation):
+        cfg.kd_alpha = 0.0  # no soft targets at all: the recipe records what was used
     objective = Objective(
         run.model,
         cfg.depth_sampling,
         cfg.label_smoothing,
-        kd_alpha=cfg.kd_alpha if (cfg.teacher or cfg.inplace_distillation) else 0.0,
+        kd_alpha=cfg.kd_alpha,
         kd_temperature=cfg.kd_temperature,
         inplace_distillation=cfg.inplace_distillation,
     )
