@@ -40,6 +40,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--depth-sampling", default=defaults.depth_sampling, choices=["sandwich", "all", "max"])
     p.add_argument("--teacher", default=None, help="checkpoint to distil from (the static twin)")
+    p.add_argument("--init-from", default=None, help="warm start from this checkpoint (same architecture and split)")
     p.add_argument("--kd-alpha", type=float, default=defaults.kd_alpha, help="weight of the soft-target term")
     p.add_argument("--kd-temperature", type=float, default=defaults.kd_temperature)
     p.add_argument(

@@ -194,26 +194,43 @@ def _md_ablation(r: dict) -> list[str]:
         return [*lines, "Not measured in this run (no ablation checkpoints given)."]
     ode, tied = a["ode"], a["tied"]
     rec = ode["runs"][0]["recipe"]
+    seeds = min(len(ode["runs"]), len(tied["runs"]))
+
+    def cell(group: dict, d: int) -> str:
+        per_seed = " / ".join(_pct(run["accuracy_by_depth"][d]) for run in group["runs"])
+        if len(group["runs"]) == 1:
+            return per_seed
+        return f"{_pct(group['mean_by_depth'][d])} ± {100 * group['spread_by_depth'][d]:.2f} ({per_seed})"
+
     lines += [
-        "The puppeteer (dP/dl = G(P)) against tied kernels (G ≡ 0: every layer of a stage uses P_0), "
-        f"{len(ode['runs'])} and {len(tied['runs'])} seed(s), {rec.get('epochs')} epochs on "
-        f"{rec.get('limit') or 'all'} training images; mean ± half the range over seeds:",
+        "The puppeteer (dP/dl = G(P)) against tied kernels (G ≡ 0: every layer of a stage uses P_0, with larger ranks "
+        f"for equal stored numbers), {len(ode['runs'])} and {len(tied['runs'])} seed(s), {rec.get('epochs')} epochs on "
+        f"{rec.get('limit') or 'all'} training images, one validation split for every seed. "
+        + (
+            "Mean ± half the range over seeds, then each seed:"
+            if seeds > 1
+            else "**One seed only, so no spread yet**: the differences below may be within seed-to-seed noise."
+        ),
         "",
-        "| depth | ODE puppeteer | tied kernels |",
-        "|---|---|---|",
+        "| depth | ODE puppeteer | tied kernels | ODE − tied (means) |",
+        "|---|---|---|---|",
     ]
     for d in range(len(ode["mean_by_depth"])):
         lines.append(
-            f"| {d + 1} | {_pct(ode['mean_by_depth'][d])} ± {100 * ode['spread_by_depth'][d]:.2f} | "
-            f"{_pct(tied['mean_by_depth'][d])} ± {100 * tied['spread_by_depth'][d]:.2f} |"
+            f"| {d + 1} | {cell(ode, d)} | {cell(tied, d)} | "
+            f"{_pt(ode['mean_by_depth'][d] - tied['mean_by_depth'][d])} |"
         )
-    lines.append(f"| stored numbers | {ode['runs'][0]['stored_numbers']:,} | {tied['runs'][0]['stored_numbers']:,} |")
+    lines.append(f"| stored numbers | {ode['runs'][0]['stored_numbers']:,} | {tied['runs'][0]['stored_numbers']:,} | |")
     if "plain" in a:
         p = a["plain"]["runs"][0]
+        o = ode["runs"][0]
         lines += [
             "",
-            f"A plain CNN of {p['stored_numbers']:,} stored numbers (every kernel stored, {p['macs_max_depth'] / 1e6:.1f} "
-            f"MMACs), same recipe: {_pct(p['accuracy_by_depth'][-1])}.",
+            f"A plain CNN of {p['stored_numbers']:,} stored numbers (every kernel stored; {p['macs_max_depth'] / 1e6:.1f} "
+            f"MMACs), same recipe: **{_pct(p['accuracy_by_depth'][-1])}**, against the ODE puppet's "
+            f"{_pct(ode['mean_by_depth'][-1])} at depth {len(ode['mean_by_depth'])} ({o['stored_numbers']:,} stored "
+            f"numbers, {o['macs_max_depth'] / 1e6:.1f} MMACs): "
+            f"{_pt(ode['mean_by_depth'][-1] - p['accuracy_by_depth'][-1])} for the puppet.",
         ]
     return lines
 

@@ -69,6 +69,8 @@ class TrainConfig:
     kd_temperature: float = 4.0
     inplace_distillation: bool = True
     teacher_sha256: str = ""  # set from `teacher` when training starts
+    init_from: str | None = None  # warm start: a checkpoint of the same architecture and validation split
+    init_sha256: str = ""  # set from `init_from` when training starts
     augment: bool = True
     bf16: bool | None = None  # bf16 autocast; None: where the device computes bf16 natively (`native_bf16`)
     seed: int = 0
@@ -336,7 +338,10 @@ def _set_up(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> _R
     train_set, val_set = split_train_val(data, min(cfg.val_size, len(data) // 5), split_seed)
     mean, std = channel_stats(train_set.images)
     pre = Preprocessing(train_set.images.shape[-1], train_set.images.shape[1], mean, std)
-    model = _build_model(cfg, pre, len(data.classes)).to(device)
+    model = _build_model(cfg, pre, len(data.classes))
+    if cfg.init_from:
+        _warm_start(cfg, model, pre, data.classes)
+    model = model.to(device)
     steps_per_epoch = math.ceil(len(train_set) / world / cfg.batch_size)
     opt, sched = _optimiser(cfg, model, total_steps=cfg.epochs * steps_per_epoch)
     state_path = Path(cfg.out).with_suffix(".state.pt")
@@ -423,6 +428,32 @@ def _build_model(cfg: TrainConfig, pre: Preprocessing, num_classes: int) -> Back
     )
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     return build_model(cfg.kind, arch)
+
+
+def _warm_start(cfg: TrainConfig, model: Backbone, pre: Preprocessing, classes: tuple[str, ...]) -> None:
+    """Start from `cfg.init_from`'s weights (a resumed run then loads its own state over them).
+
+    The checkpoint must have this run's kind, architecture, classes and validation split: its normalisation
+    statistics are those of the training split, so a different split (which would put its training images in
+    this run's validation set) shows there. Its sha256 goes into the recipe."""
+    from model.checkpoint import file_sha256, load_checkpoint
+
+    init = load_checkpoint(cfg.init_from, "cpu")
+    problems = []
+    if init.kind != cfg.kind:
+        problems.append(f"kind {init.kind!r}, not {cfg.kind!r}")
+    if tuple(init.classes) != tuple(classes):
+        problems.append(f"classes {init.classes}, not {classes}")
+    if init.preprocessing != pre:
+        problems.append(f"preprocessing {init.preprocessing}, not this run's split's {pre}")
+    if not problems:
+        try:
+            model.load_state_dict(init.model.state_dict())
+        except RuntimeError as e:
+            problems.append(f"another architecture ({str(e).splitlines()[0]})")
+    if problems:
+        raise ValueError(f"cannot start from {cfg.init_from}: it has " + "; ".join(problems))
+    cfg.init_sha256 = file_sha256(cfg.init_from)
 
 
 def _optimiser(

@@ -59,5 +59,5 @@ def test_the_report_measures_what_it_serves_and_renders_every_section(checkpoint
         "## What the ODE",
     ):
         assert heading in md
-    assert "2 and 1 seed(s)" in md and "A plain CNN of" in md
+    assert "2 and 1 seed(s)" in md and "One seed only" in md and "A plain CNN of" in md
     assert json.loads((tmp / "docs" / "model-report.json").read_text())["sha256"] == r["sha256"]

@@ -286,3 +286,33 @@ def test_each_step_gets_the_teacher_row_of_its_own_images_and_view(tmp_path, mon
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000))
     assert torch.equal(torch.cat(index_seen), perm[:150])  # the step's own images, in order
     assert all(torch.equal(f, torch.arange(50) % 2 == 1) for f in flips_seen)  # and the view each was shown in
+
+
+def test_a_warm_start_begins_from_the_checkpoint_and_refuses_another_architecture_or_split(tmp_path):
+    common = dict(**SMALL, epochs=1, max_steps=3, batch_size=50, limit=600, val_size=100, bf16=False)
+    first = train(TrainConfig(**common, out=str(tmp_path / "a.safetensors")), progress=False)
+    # lr 0: the optimiser moves nothing, so the warm-started run ends on the weights it started from
+    warm = TrainConfig(**common, seed=1, split_seed=0, lr=0.0, init_from=str(tmp_path / "a.safetensors"))
+    warm.out = str(tmp_path / "b.safetensors")
+    second = train(warm, progress=False)
+    before, after = dict(first.model.named_parameters()), dict(second.model.named_parameters())
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
+    from model.checkpoint import file_sha256
+
+    assert second.recipe["init_from"] == warm.init_from
+    assert second.recipe["init_sha256"] == file_sha256(warm.init_from)
+    # a cold start from seed 1 would not have these weights
+    cold = train(
+        TrainConfig(**common, seed=1, split_seed=0, lr=0.0, out=str(tmp_path / "c.safetensors")), progress=False
+    )
+    assert not torch.equal(dict(cold.model.named_parameters())["head.weight"], before["head.weight"])
+    other_ranks = TrainConfig(
+        **{**common, "ranks": (4, 6)}, init_from=warm.init_from, out=str(tmp_path / "d.safetensors")
+    )
+    with pytest.raises(ValueError, match="another architecture"):
+        train(other_ranks, progress=False)
+    other_split = TrainConfig(**common, split_seed=5, init_from=warm.init_from, out=str(tmp_path / "e.safetensors"))
+    with pytest.raises(ValueError, match="split"):
+        train(other_split, progress=False)
