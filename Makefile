@@ -110,9 +110,11 @@ train-finetune: setup
 	$(VENV)/bin/puppet-cnn train $(FT_RECIPE) --out $(FT_CHECKPOINT) --resume
 	$(VENV)/bin/puppet-cnn calibrate-routers --checkpoint $(FT_CHECKPOINT) --threads 1
 
-# The ablations of docs/model-report.md on the shipped recipe (not yet trained: about 85 min each on this CPU): the
-# ODE puppeteer against tied kernels at equal stored numbers (33,485 and 33,401), two seeds each, and a plain CNN of
-# the puppet's stored numbers (widths 8,12,15 at depth 4: 33,233). Every seed keeps the shipped validation split.
+# The ablations of docs/model-report.md on the shipped recipe: the ODE puppeteer against tied kernels at equal stored
+# numbers (33,485 and 33,401), two seeds each, and a plain CNN of the puppet's stored numbers (widths 8,12,15 at
+# depth 4: 33,233). Every seed keeps the shipped validation split. About 85 min a puppet run and 35 min the plain CNN
+# on this CPU, one process each. Trained so far (2026-12-01/02, the 2-core CPU): seed 0 of both and the plain CNN;
+# a finished run whose state file is beside it is skipped, so this target goes on with seed 1.
 ABLATIONS := checkpoints/ablation
 # make evaluate reports the full-recipe ablations once they exist, else the 3-epoch pair trained before them
 FULL_ODE := $(wildcard $(ABLATIONS)/ode-s*.safetensors)
