@@ -114,13 +114,11 @@ train-finetune: setup
 # numbers (33,485 and 33,401), two seeds each, and a plain CNN of the puppet's stored numbers (widths 8,12,15 at
 # depth 4: 33,233). Every seed keeps the shipped validation split. About 85 min a puppet run and 35 min the plain CNN
 # on this CPU, one process each. Trained so far (2026-12-01/02, the 2-core CPU): seed 0 of both and the plain CNN;
-# a finished run whose state file is beside it is skipped, so this target goes on with seed 1.
+# a finished run whose state file (git-ignored) is beside it is skipped, so on the machine that trained seed 0 this
+# target goes on with seed 1; a fresh clone trains seed 0 again.
 ABLATIONS := checkpoints/ablation
-# make evaluate reports the full-recipe ablations once they exist, else the 3-epoch pair trained before them
-FULL_ODE := $(wildcard $(ABLATIONS)/ode-s*.safetensors)
-FULL_TIED := $(wildcard $(ABLATIONS)/tied-s*.safetensors)
-FULL_PLAIN := $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors)
-ABLATION_FLAGS := $(if $(FULL_ODE)$(FULL_TIED),$(if $(FULL_ODE),--ablation-ode $(FULL_ODE)) $(if $(FULL_TIED),--ablation-tied $(FULL_TIED)),--ablation-ode $(ABLATIONS)/ode-puppeteer-3ep.safetensors --ablation-tied $(ABLATIONS)/tied-kernels-3ep.safetensors) $(if $(FULL_PLAIN),--plain-cnn $(FULL_PLAIN))
+# make evaluate reports the ablation checkpoints that exist (every seed trained so far)
+ABLATION_FLAGS := $(foreach group,ode tied,$(if $(wildcard $(ABLATIONS)/$(group)-s*.safetensors),--ablation-$(group) $(wildcard $(ABLATIONS)/$(group)-s*.safetensors))) $(if $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors),--plain-cnn $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors))
 ablations: setup
 	for seed in 0 1; do \
 	  $(VENV)/bin/puppet-cnn train $(PUPPET_RECIPE) --seed $$seed --split-seed 0 --out $(ABLATIONS)/ode-s$$seed.safetensors --resume && \
