@@ -287,9 +287,15 @@ def test_sigterm_under_load_loses_no_accepted_request(pngs):
     assert logged == answered
     # A connection cut without any answer: clients that keep opening connections race the listening socket's
     # close, and one still in the kernel's accept queue then is reset. Allowed only for a request the service
-    # never took (not in its log) and sent after the signal: nothing accepted is lost.
+    # never took (not in its log) and not sent well before the signal: nothing accepted is lost. The client's
+    # clock starts before it connects, and 16 client threads share one interpreter, so a request begun just
+    # before the signal can reach the socket after it (seen once: begun 0.0-0.5 s before the signal, never
+    # logged, reset when the listener closed).
     cut = [r for r in results if r[2] == -1]
-    assert all(r[0] not in logged and r[1] > t_signal for r in cut), f"accepted requests dropped: {cut}"
+    dropped = [(r[0], round(r[1] - t_signal, 3), r[0] in logged) for r in cut]
+    assert all(r[0] not in logged and r[1] >= t_signal - 0.5 for r in cut), (
+        f"accepted requests dropped (id, sent at - signal in s, logged): {dropped}"
+    )
     assert rc == 0 and exited - t_signal < drain_s, f"exit {rc} after {exited - t_signal:.1f} s"
     print(
         f"{len(answered)} answered ({list(answered.values()).count(200)} ok); exit {exited - t_signal:.2f} s after SIGTERM"
