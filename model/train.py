@@ -264,6 +264,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Checkpoint | None:
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     run = _set_up(cfg, device, rank, world)
+    _own_stream(cfg.seed, rank)
     start_epoch, step, elapsed = 0, 0, 0.0
     if cfg.resume and run.state_path.exists():
         start_epoch, step, elapsed = _resume(run, auto_bf16)
@@ -315,6 +316,17 @@ class _Run:
     sched: torch.optim.lr_scheduler.LambdaLR
     state_path: Path  # the resumable training state, beside the checkpoint
     teacher_logits: torch.Tensor | None = None  # (2, N, K): the teacher on each training image, and mirrored
+
+
+def _own_stream(seed: int, rank: int) -> None:
+    """Give every rank but 0 a random stream of its own for augmentation and depth sampling.
+
+    `_set_up` reseeds the global generator with `seed` to build identical initial weights on every rank, so without
+    this all ranks would then draw the same shifts, flips and sandwich depths for their (different) images. Rank 0
+    keeps the stream it has always had, so a single-process run draws exactly what it did before this existed."""
+    if rank > 0:
+        digest = hashlib.sha256(f"puppet-cnn/seed {seed}/rank {rank}".encode()).digest()
+        torch.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
 def _start_process(device_name: str, world: int) -> tuple[torch.device, int]:

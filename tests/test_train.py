@@ -64,6 +64,20 @@ def test_resume_continues_from_the_saved_state(tmp_path):
     assert resumed.history[1]["step"] == 2 * resumed.history[0]["step"]
 
 
+def _torchrun_train(tmp_path, out, *extra):
+    """`puppet-cnn train` on a small puppet in two gloo processes; returns the finished run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "PUPPET_TEACHER_CACHE": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "service.cli", "train", "--widths", "8,16", "--ranks", "4,8", "--max-depth", "2",
+        "--limit", "1200", "--val-size", "200", "--batch-size", "50", "--epochs", "1", "--max-steps", "6",
+        "--threads", "1", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     """Two processes, distilling from a teacher whose logits rank 0 caches while rank 1 waits."""
     teacher = TrainConfig(
@@ -72,19 +86,28 @@ def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     )  # fmt: skip
     train(teacher, progress=False)
     out = tmp_path / "ddp.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "PUPPET_TEACHER_CACHE": str(tmp_path / "cache")}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "service.cli", "train", "--widths", "8,16", "--ranks", "4,8", "--max-depth", "2",
-        "--limit", "1200", "--val-size", "200", "--batch-size", "50", "--epochs", "1", "--max-steps", "6",
-        "--threads", "1", "--quiet", "--out", str(out), "--teacher", teacher.out,
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_train(tmp_path, out, "--teacher", teacher.out)
     ckpt = load_checkpoint(out)
     assert ckpt.metrics["world_size"] == 2 and ckpt.metrics["trained_on"].endswith("2 training process(es)")
     assert ckpt.metrics["validation"]["step"] == 6  # each rank stepped 6 times on its half of the data
     assert ckpt.recipe["teacher"] == teacher.out and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_ddp_ranks_draw_their_own_augmentation_and_depths(tmp_path):
+    """Without a teacher nothing else tells the ranks' streams apart: after identical initial weights (one seed
+    on every rank) each rank must still draw its own shifts, flips and sandwich depths. Rank 0 draws exactly what
+    a single process with the same seed draws over the same steps, so single-process checkpoints reproduce."""
+    out = tmp_path / "ddp.safetensors"
+    _torchrun_train(tmp_path, out)
+    rank0, rank1 = torch.load(out.with_suffix(".state.pt"), weights_only=True)["rng_by_rank"]
+    assert not torch.equal(rank0, rank1), "both ranks drew the same augmentation stream"
+    single = TrainConfig(
+        widths=(8, 16), ranks=(4, 8), max_depth=2, limit=1200, val_size=200, batch_size=50, epochs=1, max_steps=6,
+        threads=1, out=str(tmp_path / "single.safetensors"),
+    )  # fmt: skip
+    train(single, progress=False)
+    (alone,) = torch.load(tmp_path / "single.state.pt", weights_only=True)["rng_by_rank"]
+    assert torch.equal(rank0, alone), "rank 0 no longer draws what a single process draws"
 
 
 def test_objectives_cover_the_depths():
