@@ -9,8 +9,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def signed(x: float, digits: int = 2) -> str:
+    """`x` with its sign, a true minus for negatives, and no sign where it rounds to zero (not "-0.00")."""
+    text = f"{abs(x):.{digits}f}"
+    if float(text) == 0:
+        return text
+    return ("+" if x > 0 else "\u2212") + text
+
+
 def _pt(x: float) -> str:
-    return f"{100 * x:+.2f} pt"
+    """A difference of accuracies (fractions), in signed percentage points."""
+    return f"{signed(100 * x)} pt"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -160,7 +169,7 @@ def _md_correlation(r: dict) -> list[str]:
     for name, entry in r["routing"]["routers"].items():
         p = next(p for p in entry["at_budget"] if p["budget"] == r["routing"]["default"]["budget"])
         lines.append(
-            f"| {name} | {p['spearman_score_vs_loss_depth1']:+.3f} | {p['spearman_score_vs_loss_max_depth']:+.3f} |"
+            f"| {name} | {signed(p['spearman_score_vs_loss_depth1'], 3)} | {signed(p['spearman_score_vs_loss_max_depth'], 3)} |"
         )
     return lines
 

@@ -16,6 +16,7 @@ import torch
 
 from model.checkpoint import Checkpoint
 from model.complexity import complexity
+from model.report_render import signed
 from model.router_fit import SplitOutputs, simulate
 from model.routers import Router, RouterCatalog
 
@@ -169,17 +170,17 @@ def targets(report: dict) -> list[dict]:
         (
             "at most 0.1 pt below always-D_max at <= 60% of its MACs",
             d["test_accuracy"] >= acc_max - 0.001 and d["test_macs"] <= 0.6 * macs_max,
-            f"{100 * (d['test_accuracy'] - acc_max):+.2f} pt at {100 * d['test_macs'] / macs_max:.1f}% of the MACs",
+            f"{signed(100 * (d['test_accuracy'] - acc_max))} pt at {100 * d['test_macs'] / macs_max:.1f}% of the MACs",
         ),
         (
             ">= +0.3 pt above the fixed-depth curve at equal MACs",
             d["gain"] >= 0.003,
-            f"{100 * d['gain']:+.2f} pt",
+            f"{signed(100 * d['gain'])} pt",
         ),
     ]
     if "twin" in report:
         gap = report["twin"]["accuracy_max_depth"] - acc_max
-        rows.append(("twin - puppet <= 1.0 pt", gap <= 0.010, f"{100 * gap:+.2f} pt"))
+        rows.append(("twin - puppet <= 1.0 pt", gap <= 0.010, f"{signed(100 * gap)} pt"))
         ratio = report["twin"]["stored_numbers"] / report["stored_numbers_with_routers"]
         rows.append(("stored numbers >= 10x fewer than the twin", ratio >= 10, f"{ratio:.2f}x"))
     return [{"target": t, "met": bool(m), "measured": v} for t, m, v in rows]

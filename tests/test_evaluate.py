@@ -8,6 +8,7 @@ import pytest
 from model import load_checkpoint
 from model.checkpoint import save_checkpoint
 from model.evaluate import evaluate
+from model.report_render import signed
 from model.router_fit import fit_routers, validation_split
 from model.train import TrainConfig, train
 
@@ -61,3 +62,17 @@ def test_the_report_measures_what_it_serves_and_renders_every_section(checkpoint
         assert heading in md
     assert "2 and 1 seed(s)" in md and "One seed only" in md and "A plain CNN of" in md
     assert json.loads((tmp / "docs" / "model-report.json").read_text())["sha256"] == r["sha256"]
+
+
+@pytest.mark.parametrize(
+    "x, digits, text",
+    [
+        (0.0036, 2, "0.00"),
+        (0.36, 2, "+0.36"),
+        (-0.86, 2, "\u22120.86"),
+        (-0.004, 2, "0.00"),
+        (-0.1234, 3, "\u22120.123"),
+    ],
+)
+def test_signed_figures_use_a_true_minus_and_no_sign_on_zero(x, digits, text):
+    assert signed(x, digits) == text
