@@ -91,12 +91,14 @@ train-twin: setup
 # The distillation recipe (not shipped: on 2026-12-01 its 20 epochs on the 2-core CPU, 70 min, scored 0.2-0.4 pt
 # below the shipped puppet at every depth on validation; docs/training-experiments.md): ranks 12,18,21 (38,789 stored
 # numbers), knowledge distillation from the twin and in-place distillation, NPROC DDP processes (a 256-image global
-# batch). On one GPU: make train-kd NPROC=1 BATCH=256.
+# batch), KD_EPOCHS epochs (about 3.5 min each on the 2-core CPU). The long schedule: make train-kd KD_EPOCHS=60;
+# on one GPU: make train-kd NPROC=1 BATCH=256 KD_EPOCHS=100.
 NPROC ?= 2
 BATCH ?= 128
+KD_EPOCHS ?= 20
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) --no-python $(VENV)/bin/puppet-cnn
-KD_RECIPE = --teacher $(TWIN) --epochs 20 --batch-size $(BATCH) --threads 1
-KD_CHECKPOINT := runs/kd/puppet-cnn-fmnist.safetensors
+KD_RECIPE = --teacher $(TWIN) --epochs $(KD_EPOCHS) --batch-size $(BATCH) --threads 1
+KD_CHECKPOINT := runs/kd/puppet-kd-e$(KD_EPOCHS).safetensors
 train-kd: setup
 	$(TORCHRUN) train $(KD_RECIPE) --out $(KD_CHECKPOINT) --resume
 	$(VENV)/bin/puppet-cnn calibrate-routers --checkpoint $(KD_CHECKPOINT) --threads 1
