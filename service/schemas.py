@@ -122,7 +122,11 @@ class ModelInfo(BaseModel):
     preprocessing: PreprocessingInfo
     depths: list[int]
     max_depth: int
-    depth_table: DepthTable
+    depth_table: DepthTable = Field(
+        description="the complexity table the checkpoint was trained with (the paper's H rule, as calibrated at the "
+        "end of training); it routes only checkpoints without calibrated routers. What decides depth here is "
+        "`router`: the entropy router's own table is in router.settings"
+    )
     router: RouterInfo
     stored_parameters: int
     backend: str
