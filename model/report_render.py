@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -10,9 +11,9 @@ def _pct(x: float) -> str:
 
 
 def signed(x: float, digits: int = 2) -> str:
-    """`x` with its sign, a true minus for negatives, and no sign where it rounds to zero (not "-0.00")."""
+    """`x` with its sign, a true minus for negatives, and no sign where it rounds to zero (not "-0.00") or is NaN."""
     text = f"{abs(x):.{digits}f}"
-    if float(text) == 0:
+    if math.isnan(x) or float(text) == 0:
         return text
     return ("+" if x > 0 else "\u2212") + text
 

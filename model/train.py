@@ -318,14 +318,15 @@ class _Run:
     teacher_logits: torch.Tensor | None = None  # (2, N, K): the teacher on each training image, and mirrored
 
 
-def _own_stream(seed: int, rank: int) -> None:
+def _own_stream(seed: int, rank: int, salt: int = 0) -> None:
     """Give every rank but 0 a random stream of its own for augmentation and depth sampling.
 
     `_set_up` reseeds the global generator with `seed` to build identical initial weights on every rank, so without
     this all ranks would then draw the same shifts, flips and sandwich depths for their (different) images. Rank 0
-    keeps the stream it has always had, so a single-process run draws exactly what it did before this existed."""
+    keeps the stream it has always had, so a single-process run draws exactly what it did before this existed.
+    `salt` (the epoch a resume starts at) tells apart streams derived again when a run resumes."""
     if rank > 0:
-        digest = hashlib.sha256(f"puppet-cnn/seed {seed}/rank {rank}".encode()).digest()
+        digest = hashlib.sha256(f"puppet-cnn/seed {seed}/rank {rank}/salt {salt}".encode()).digest()
         torch.manual_seed(int.from_bytes(digest[:8], "big") >> 1)
 
 
@@ -492,7 +493,11 @@ def _resume(run: _Run, auto_bf16: bool) -> tuple[int, int, float]:
     run.sched.load_state_dict(state["scheduler"])
     cfg.history = json.loads(state["history"])
     by_rank = state.get("rng_by_rank")  # states written before it existed kept rank 0's only
-    torch.set_rng_state(by_rank[run.rank] if by_rank and len(by_rank) == run.world else state["rng"])
+    if by_rank and len(by_rank) == run.world and (run.rank == 0 or not torch.equal(by_rank[run.rank], by_rank[0])):
+        torch.set_rng_state(by_rank[run.rank])
+    else:  # another world size, or a state saved before ranks had streams of their own: rank 0's, re-derived
+        torch.set_rng_state(state["rng"])
+        _own_stream(cfg.seed, run.rank, salt=state["epoch"])
     if auto_bf16 and "bf16" in state:  # a resumed run keeps its precision; an explicit --bf16/--no-bf16 wins
         cfg.bf16 = bool(state["bf16"])
     return state["epoch"], state["step"], state["elapsed"]

@@ -125,7 +125,8 @@ class ModelInfo(BaseModel):
     depth_table: DepthTable = Field(
         description="the complexity table the checkpoint was trained with (the paper's H rule, as calibrated at the "
         "end of training); it routes only checkpoints without calibrated routers. What decides depth here is "
-        "`router`: the entropy router's own table is in router.settings"
+        "`router`, whose operating point (the entropy router's table, the learned router's penalty, the cascade's "
+        "depths and threshold) is router.settings"
     )
     router: RouterInfo
     stored_parameters: int

@@ -72,6 +72,7 @@ def test_the_report_measures_what_it_serves_and_renders_every_section(checkpoint
         (-0.86, 2, "\u22120.86"),
         (-0.004, 2, "0.00"),
         (-0.1234, 3, "\u22120.123"),
+        (float("nan"), 3, "nan"),
     ],
 )
 def test_signed_figures_use_a_true_minus_and_no_sign_on_zero(x, digits, text):

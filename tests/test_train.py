@@ -71,7 +71,7 @@ def _torchrun_train(tmp_path, out, *extra):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "service.cli", "train", "--widths", "8,16", "--ranks", "4,8", "--max-depth", "2",
         "--limit", "1200", "--val-size", "200", "--batch-size", "50", "--epochs", "1", "--max-steps", "6",
-        "--threads", "1", "--quiet", "--out", str(out), *extra,
+        "--threads", "1", "--device", "cpu", "--quiet", "--out", str(out), *extra,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,11 +103,26 @@ def test_ddp_ranks_draw_their_own_augmentation_and_depths(tmp_path):
     assert not torch.equal(rank0, rank1), "both ranks drew the same augmentation stream"
     single = TrainConfig(
         widths=(8, 16), ranks=(4, 8), max_depth=2, limit=1200, val_size=200, batch_size=50, epochs=1, max_steps=6,
-        threads=1, out=str(tmp_path / "single.safetensors"),
+        threads=1, device="cpu", out=str(tmp_path / "single.safetensors"),
     )  # fmt: skip
     train(single, progress=False)
     (alone,) = torch.load(tmp_path / "single.state.pt", weights_only=True)["rng_by_rank"]
     assert torch.equal(rank0, alone), "rank 0 no longer draws what a single process draws"
+
+
+def test_a_resume_on_another_world_size_gives_each_rank_a_stream_of_its_own(tmp_path):
+    """A state saved by one process holds one random state: resumed on two, rank 0 goes on with it and rank 1
+    derives its own (the same one every time), rather than both drawing rank 0's."""
+    common = dict(**SMALL, batch_size=64, limit=1500, val_size=300, out=str(tmp_path / "m.safetensors"), bf16=False)
+    train(TrainConfig(**common, epochs=1, device="cpu"), progress=False)
+    saved = torch.load(tmp_path / "m.state.pt", weights_only=True)["rng"]
+    streams = []
+    for rank in (0, 1, 1):
+        run = train_module._set_up(TrainConfig(**common, epochs=2, resume=True), torch.device("cpu"), rank, 2)
+        train_module._resume(run, auto_bf16=False)
+        streams.append(torch.get_rng_state())
+    assert torch.equal(streams[0], saved)
+    assert not torch.equal(streams[1], saved) and torch.equal(streams[1], streams[2])
 
 
 def test_objectives_cover_the_depths():
