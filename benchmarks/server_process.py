@@ -6,6 +6,7 @@ image does not install (tests/test_image_install.py proves the image's install s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -29,10 +30,18 @@ SERVER_ENV = {
 }
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: every socket stays bound until all are picked, so the kernel cannot hand
+    out one port twice (a server given the same port for HTTP and gRPC refuses to start)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_ready(
@@ -149,13 +158,13 @@ class ServerProcess:
         timeout: float = 120.0,
         command: list[str] | None = None,
     ):
-        self.port = free_port()
+        self.port, grpc_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
             **(os.environ if base_env is None else base_env),
             **(env or {}),
             "PUPPET_PORT": str(self.port),
-            "PUPPET_GRPC_PORT": str(free_port()),  # never Triton's 8001, which parallel servers would share
+            "PUPPET_GRPC_PORT": str(grpc_port),  # never Triton's 8001, which parallel servers would share
         }
         full_env.setdefault("PUPPET_LOG_LEVEL", "warning")
         full_env.update({f"PUPPET_{k.upper()}": str(v) for k, v in settings.items()})

@@ -111,10 +111,16 @@ class Body(BaseModel):
     image: str
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (every socket stays bound until all are picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def kill_leftovers(folder: str, only: str = "", spare: tuple[int, ...] = ()) -> None:
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.mkdtemp(prefix="rs-")
     env = {**COMMON_ENV, **INGRESS_ENV[args.ingress]}
     if args.ingress == "haproxy":
-        env |= {key: str(free_port()) for key in HAPROXY_PORTS}
+        env |= {key: str(port) for key, port in zip(HAPROXY_PORTS, free_ports(len(HAPROXY_PORTS)), strict=True)}
         env |= {key: os.path.join(tmp, name) for key, name in HAPROXY_FILES.items()}
     for key, value in env.items():
         os.environ.setdefault(key, value)
