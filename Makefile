@@ -115,9 +115,9 @@ train-finetune: setup
 # The ablations of docs/model-report.md on the shipped recipe: the ODE puppeteer against tied kernels at equal stored
 # numbers (33,485 and 33,401), two seeds each, and a plain CNN of the puppet's stored numbers (widths 8,12,15 at
 # depth 4: 33,233). Every seed keeps the shipped validation split. About 85 min a puppet run and 35 min the plain CNN
-# on this CPU, one process each. Trained so far (2026-12-01/02, the 2-core CPU): seed 0 of both and the plain CNN;
-# a finished run whose state file (git-ignored) is beside it is skipped, so on the machine that trained seed 0 this
-# target goes on with seed 1; a fresh clone trains seed 0 again.
+# on this CPU, one process each. All five were trained on 2026-12-01/02 on the 2-core CPU; a finished run whose state
+# file (git-ignored) is beside it is skipped, so on that machine this target has nothing left to do and a fresh
+# clone trains them all again.
 ABLATIONS := checkpoints/ablation
 # make evaluate reports the ablation checkpoints that exist (every seed trained so far)
 ABLATION_FLAGS := $(foreach group,ode tied,$(if $(wildcard $(ABLATIONS)/$(group)-s*.safetensors),--ablation-$(group) $(wildcard $(ABLATIONS)/$(group)-s*.safetensors))) $(if $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors),--plain-cnn $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors))
