@@ -493,9 +493,9 @@ def _resume(run: _Run, auto_bf16: bool) -> tuple[int, int, float]:
     run.sched.load_state_dict(state["scheduler"])
     cfg.history = json.loads(state["history"])
     by_rank = state.get("rng_by_rank")  # states written before it existed kept rank 0's only
-    if by_rank and len(by_rank) == run.world and (run.rank == 0 or not torch.equal(by_rank[run.rank], by_rank[0])):
+    if by_rank and len(by_rank) == run.world:
         torch.set_rng_state(by_rank[run.rank])
-    else:  # another world size, or a state saved before ranks had streams of their own: rank 0's, re-derived
+    else:  # saved on another world size: rank 0 goes on with rank 0's state, the others derive their own
         torch.set_rng_state(state["rng"])
         _own_stream(cfg.seed, run.rank, salt=state["epoch"])
     if auto_bf16 and "bf16" in state:  # a resumed run keeps its precision; an explicit --bf16/--no-bf16 wins
