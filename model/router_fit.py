@@ -2,7 +2,8 @@
 
 Every depth's probabilities are computed once for the split; a router's outcome on the split is then gathered
 from them (`simulate`), which is exactly what running the router image by image gives. Each router's curve keeps
-its Pareto front (no point costs more for less accuracy). The default router and budget are the cheapest point
+its Pareto front (no point costs more for less accuracy); the learned router's, whose net is fitted on the split
+itself, is scored out of fold (`learned_curve`). The default router and budget are the cheapest point
 within `DEFAULT_BUDGET` x max depth's MACs whose validation accuracy is within `DEFAULT_TOLERANCE` of always max
 depth's (`choose_default`).
 """
@@ -37,6 +38,7 @@ DEFAULT_BUDGET = 0.6  # of max depth's MACs: the most the default router may cos
 DEFAULT_TOLERANCE = 0.001  # accuracy the default may give up against always max depth, on validation
 ENTROPY_BINS = 4  # ~1,500 validation images a bin: a per-bin accuracy difference has ~0.3 pt standard error
 HIDDEN = 16  # the learned router's hidden units: 984 stored numbers for 4 depths
+FOLDS = 5  # the learned router's validation curve is scored out of fold (`learned_curve`)
 PENALTIES = [i / 400 for i in range(0, 201)]  # 0 .. 0.5 accuracy for max depth's MACs
 THRESHOLDS = [i / 200 for i in range(60, 200)] + [0.9975, 0.999, 0.9995, 0.9999]
 
@@ -56,6 +58,16 @@ class SplitOutputs:
         logits = predict_all_depths(ckpt.model, data.images, ckpt.preprocessing)
         macs = tuple(ckpt.model.macs(d) for d in range(1, ckpt.config.max_depth + 1))
         return cls(data.images, complexity(data.images), logits.float().softmax(-1), data.labels, macs)
+
+    def subset(self, index: torch.Tensor) -> SplitOutputs:
+        """The same outputs for the images at `index` only."""
+        return SplitOutputs(
+            self.images[index],
+            self.complexity[index],
+            self.probabilities[:, index],
+            self.labels[index],
+            self.macs_by_depth,
+        )
 
     @property
     def correct(self) -> torch.Tensor:
@@ -149,9 +161,38 @@ def fit_difficulty_net(split: SplitOutputs, *, hidden: int = HIDDEN, seed: int =
     return DifficultyNet(mean, std, *best_state)
 
 
-def learned_curve(split: SplitOutputs, net: DifficultyNet) -> list[dict]:
+def out_of_fold_nets(
+    split: SplitOutputs, *, folds: int = FOLDS, seed: int = 0, **fit
+) -> list[tuple[torch.Tensor, DifficultyNet]]:
+    """The split cut into `folds` parts (a seeded permutation of its size, whatever its labels), and for each part
+    its indices and a net fitted on the other parts (`fit_difficulty_net`, with `fit`'s arguments)."""
+    perm = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
+    parts = perm.tensor_split(folds)
+    out = []
+    for k, part in enumerate(parts):
+        rest = torch.cat([p for j, p in enumerate(parts) if j != k])
+        out.append((part, fit_difficulty_net(split.subset(rest), seed=seed, **fit)))
+    return out
+
+
+def learned_curve(split: SplitOutputs, *, folds: int = FOLDS, seed: int = 0, **fit) -> list[dict]:
+    """Each penalty's validation accuracy and MACs, out of fold: every image is routed by a net fitted without it
+    (`out_of_fold_nets`). The served net, fitted on the whole split, takes the penalty a budget picks; scored on
+    the images it was fitted on, its curve would flatter it (on the shipped checkpoint of 2026-12-01 its validation
+    accuracy stood 0.53 pt above its test accuracy at budget 0.418, against 0.32 pt for the cascade)."""
     cost = tuple(m / split.macs_by_depth[-1] for m in split.macs_by_depth)
-    return pareto([_point(LearnedRouter(net, lam, cost), split) for lam in PENALTIES])
+    parts = [(split.subset(index), net) for index, net in out_of_fold_nets(split, folds=folds, seed=seed, **fit)]
+    points = []
+    for lam in PENALTIES:
+        runs = [simulate(LearnedRouter(net, lam, cost), part) for part, net in parts]
+        points.append(
+            {
+                "settings": {"penalty": lam},
+                "val_accuracy": float(torch.cat([r["correct"] for r in runs]).float().mean()),
+                "val_macs": float(torch.cat([r["macs"] for r in runs]).mean()),
+            }
+        )
+    return pareto(points)
 
 
 def cascade_curve(split: SplitOutputs) -> list[dict]:
@@ -181,7 +222,7 @@ def fit_routers(ckpt: Checkpoint, val: Dataset, *, budget: float = DEFAULT_BUDGE
     """Every router's curve on `val`, and the default router and budget (`choose_default`)."""
     split = SplitOutputs.of(ckpt, val)
     net = fit_difficulty_net(split, seed=seed)
-    curves = {ENTROPY: entropy_curve(split), LEARNED: learned_curve(split, net), CASCADE: cascade_curve(split)}
+    curves = {ENTROPY: entropy_curve(split), LEARNED: learned_curve(split, seed=seed), CASCADE: cascade_curve(split)}
     name, default_budget = choose_default(curves, split, budget)
     return RouterCatalog(curves, split.macs_by_depth, name, default_budget, net.to_dict())
 

@@ -16,6 +16,8 @@ from model.router_fit import (
     entropy_curve,
     fit_difficulty_net,
     fit_routers,
+    learned_curve,
+    out_of_fold_nets,
     pareto,
     simulate,
 )
@@ -180,6 +182,32 @@ def test_the_difficulty_net_learns_a_signal_it_can_see():
     net = fit_difficulty_net(split, hidden=8, steps=300)
     p1 = torch.sigmoid(net.logits(DifficultyNet.features(images, h)))[:, 0]
     assert spearman(p1, dark.float()) > 0.8
+
+
+def test_the_learned_curve_routes_every_image_by_a_net_that_never_saw_it(split):
+    """Relabel one fold: its own net is bit-identical (it was fitted without those images), every other net
+    changes; and the curve is scored on every image of the split, each once."""
+    relabelled = split.labels.clone()
+    nets = out_of_fold_nets(split, folds=3, hidden=4, steps=40)
+    index = nets[0][0]
+    relabelled[index] = (relabelled[index] + 1) % 5  # every image of fold 0 changes its correctness at every depth
+    other = SplitOutputs(split.images, split.complexity, split.probabilities, relabelled, split.macs_by_depth)
+    again = out_of_fold_nets(other, folds=3, hidden=4, steps=40)
+    weights = [[(n.w1, n.b1, n.w2, n.b2, n.mean, n.std) for _, n in run] for run in (nets, again)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0][0], weights[1][0], strict=True))
+    for k in (1, 2):
+        assert torch.equal(nets[k][0], again[k][0])  # the folds depend on the split's size and seed only
+        assert not torch.equal(weights[0][k][2], weights[1][k][2])
+    assert sorted(torch.cat([i for i, _ in nets]).tolist()) == list(range(len(split.labels)))
+    # a penalty's point is the fold nets' decisions pooled: recomputed here for the cheapest and the dearest penalty
+    from model.routers import LearnedRouter
+
+    curve = learned_curve(split, folds=3, hidden=4, steps=40)
+    cost = tuple(m / split.macs_by_depth[-1] for m in split.macs_by_depth)
+    for point in (curve[0], curve[-1]):
+        runs = [simulate(LearnedRouter(n, point["settings"]["penalty"], cost), split.subset(i)) for i, n in nets]
+        assert point["val_accuracy"] == float(torch.cat([r["correct"] for r in runs]).float().mean())
+        assert point["val_macs"] == float(torch.cat([r["macs"] for r in runs]).mean())
 
 
 def test_budget_picks_the_most_accurate_point_within_it():
