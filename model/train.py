@@ -184,7 +184,9 @@ class Objective(nn.Module):
         loss = self._loss(logits, y, teacher)
         shallow_soft = logits.detach() if self.inplace else teacher
         if self.depth_sampling == "sandwich" and d_max > 1:
-            shallow = torch.randint(1, d_max, (x.shape[0],), device=x.device)
+            # drawn from the CPU generator on every device: its state is what `_save_state` keeps, so a resumed
+            # GPU run draws what it would have drawn, not the CUDA generator's fresh seed
+            shallow = torch.randint(1, d_max, (x.shape[0],)).to(x.device)
             loss = loss + self._loss(self.model(x, shallow), y, shallow_soft)
         elif self.depth_sampling == "all":
             for d in range(1, d_max):

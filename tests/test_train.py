@@ -138,6 +138,25 @@ def test_objectives_cover_the_depths():
         Objective(model, "some", 0.0)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sandwich_depths_come_from_the_cpu_generator_on_every_device(device):
+    """The resumable state keeps the CPU generator only, so the sandwich's shallow depths must come from it on a
+    GPU too (a CUDA draw would restart from a fresh seed on resume). Runs on CUDA where there is one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    model = build_model("puppet", PuppetConfig(widths=(4,), ranks=(2,), max_depth=3, image_size=8)).to(device)
+    x, y = torch.randn(4, 1, 8, 8, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    torch.manual_seed(7)
+    shallow = torch.randint(1, 3, (4,))
+    after = torch.rand(1)
+    expected = F.cross_entropy(model(x, 3), y) + F.cross_entropy(model(x, shallow.to(device)), y)
+    torch.manual_seed(7)
+    loss = Objective(model, "sandwich", 0.0)(x, y)[0]
+    torch.testing.assert_close(loss, expected)
+    assert torch.equal(torch.rand(1), after)  # the CPU generator moved by exactly that draw
+
+
 def test_augment_translates_and_flips_without_changing_content():
     img = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
     img[:, :, 3:5, 3:5] = 200
