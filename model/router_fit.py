@@ -10,6 +10,7 @@ depth's (`choose_default`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,10 @@ from model.train import predict_all_depths, split_train_val
 DEFAULT_BUDGET = 0.6  # of max depth's MACs: the most the default router may cost
 DEFAULT_TOLERANCE = 0.001  # accuracy the default may give up against always max depth, on validation
 ENTROPY_BINS = 4  # ~1,500 validation images a bin: a per-bin accuracy difference has ~0.3 pt standard error
-# the learned router's hidden units: 544 stored numbers for 4 depths. 16 (984) scored no better out of fold on the
-# shipped puppet's validation split (2026-12-02), and a 38,789-number puppet leaves 722 for the router within 10x
-# fewer stored numbers than the twin's 395,111
+# the learned router's hidden units: 544 stored numbers for 4 depths, chosen for size: a 38,789-number puppet leaves
+# 722 for the router within 10x fewer stored numbers than the twin's 395,111. Out of fold on the shipped puppet's
+# validation split (2026-12-02), 16 units (984) and 8 were within noise of each other: 16 ahead by 0.1-0.3 pt at
+# budgets up to 0.45, 8 ahead by 0.2-0.35 pt from 0.5
 HIDDEN = 8
 FOLDS = 5  # the learned router's validation curve is scored out of fold (`learned_curve`)
 PENALTIES = [i / 400 for i in range(0, 201)]  # 0 .. 0.5 accuracy for max depth's MACs
@@ -169,6 +171,8 @@ def out_of_fold_nets(
 ) -> list[tuple[torch.Tensor, DifficultyNet]]:
     """The split cut into `folds` parts (a seeded permutation of its size, whatever its labels), and for each part
     its indices and a net fitted on the other parts (`fit_difficulty_net`, with `fit`'s arguments)."""
+    if not 2 <= folds <= len(split.labels):
+        raise ValueError(f"folds must be in [2, {len(split.labels)}] (the split's images), got {folds}")
     perm = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
     parts = perm.tensor_split(folds)
     out = []
@@ -178,11 +182,9 @@ def out_of_fold_nets(
     return out
 
 
-def learned_curve(split: SplitOutputs, *, folds: int = FOLDS, seed: int = 0, **fit) -> list[dict]:
-    """Each penalty's validation accuracy and MACs, out of fold: every image is routed by a net fitted without it
-    (`out_of_fold_nets`). The served net, fitted on the whole split, takes the penalty a budget picks; scored on
-    the images it was fitted on, its curve would flatter it (on the shipped checkpoint of 2026-12-01 its validation
-    accuracy stood 0.53 pt above its test accuracy at budget 0.418, against 0.32 pt for the cascade)."""
+def out_of_fold_front(split: SplitOutputs, *, folds: int = FOLDS, seed: int = 0, **fit) -> list[dict]:
+    """Accuracy against MACs of learned routing with every image routed by a net fitted without it
+    (`out_of_fold_nets`), one point a penalty, Pareto front."""
     cost = tuple(m / split.macs_by_depth[-1] for m in split.macs_by_depth)
     parts = [(split.subset(index), net) for index, net in out_of_fold_nets(split, folds=folds, seed=seed, **fit)]
     points = []
@@ -195,6 +197,34 @@ def learned_curve(split: SplitOutputs, *, folds: int = FOLDS, seed: int = 0, **f
                 "val_macs": float(torch.cat([r["macs"] for r in runs]).mean()),
             }
         )
+    return pareto(points)
+
+
+def joined_linearly(x: float, xs: list[float], ys: list[float]) -> float:
+    """The polyline through (xs, ys), xs ascending, at `x`: linear between neighbours, flat beyond the ends. On
+    accuracy against MACs, what a constant mix of two neighbouring routings costs and scores."""
+    if x <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in itertools.pairwise(zip(xs, ys, strict=True)):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def learned_curve(split: SplitOutputs, net: DifficultyNet, *, folds: int = FOLDS, seed: int = 0, **fit) -> list[dict]:
+    """The served net's operating points: each penalty's MACs are what `net` (fitted on the whole split) costs on
+    it, which needs no label; its accuracy is the out-of-fold front's at those MACs (`out_of_fold_front`). Scored
+    on the images it was fitted on, the net would flatter itself (on the shipped checkpoint of 2026-12-01 its
+    validation accuracy stood 0.53 pt above its test accuracy at budget 0.418, against 0.32 pt for the cascade);
+    and the fold nets, fitted on fewer images, route differently at the same penalty (up to 18 % fewer MACs), so
+    their own costs are not the served router's."""
+    cost = tuple(m / split.macs_by_depth[-1] for m in split.macs_by_depth)
+    front = out_of_fold_front(split, folds=folds, seed=seed, **fit)
+    points = []
+    for lam in PENALTIES:
+        macs = float(simulate(LearnedRouter(net, lam, cost), split)["macs"].mean())
+        accuracy = joined_linearly(macs, [p["val_macs"] for p in front], [p["val_accuracy"] for p in front])
+        points.append({"settings": {"penalty": lam}, "val_accuracy": accuracy, "val_macs": macs})
     return pareto(points)
 
 
@@ -225,7 +255,11 @@ def fit_routers(ckpt: Checkpoint, val: Dataset, *, budget: float = DEFAULT_BUDGE
     """Every router's curve on `val`, and the default router and budget (`choose_default`)."""
     split = SplitOutputs.of(ckpt, val)
     net = fit_difficulty_net(split, seed=seed)
-    curves = {ENTROPY: entropy_curve(split), LEARNED: learned_curve(split, seed=seed), CASCADE: cascade_curve(split)}
+    curves = {
+        ENTROPY: entropy_curve(split),
+        LEARNED: learned_curve(split, net, seed=seed),
+        CASCADE: cascade_curve(split),
+    }
     name, default_budget = choose_default(curves, split, budget)
     return RouterCatalog(curves, split.macs_by_depth, name, default_budget, net.to_dict())
 

@@ -8,7 +8,6 @@ split only (model/router_fit.py); everything here is measured on the test split.
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
 
@@ -17,7 +16,7 @@ import torch
 from model.checkpoint import Checkpoint
 from model.complexity import complexity
 from model.report_render import signed
-from model.router_fit import SplitOutputs, simulate
+from model.router_fit import SplitOutputs, joined_linearly, simulate
 from model.routers import Router, RouterCatalog
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
@@ -25,13 +24,7 @@ BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 
 def fixed_curve(macs: float, fixed_macs: list[float], fixed_acc: list[float]) -> float:
     """Accuracy of the fixed-depth curve at `macs`: linear between neighbouring depths, flat beyond the ends."""
-    if macs <= fixed_macs[0]:
-        return fixed_acc[0]
-    points = list(zip(fixed_macs, fixed_acc, strict=True))
-    for (m0, a0), (m1, a1) in itertools.pairwise(points):
-        if macs <= m1:
-            return a0 + (a1 - a0) * (macs - m0) / (m1 - m0)
-    return fixed_acc[-1]
+    return joined_linearly(macs, fixed_macs, fixed_acc)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

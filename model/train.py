@@ -180,13 +180,17 @@ class Objective(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         d_max = self.model.config.max_depth
+        sandwich = self.depth_sampling == "sandwich" and d_max > 1
+        if sandwich:
+            # drawn from the CPU generator on every device: its state is what `_save_state` keeps, so a resumed
+            # GPU run draws what it would have drawn, not the CUDA generator's fresh seed. Drawn (and copied)
+            # before any pass is queued, beside the step's images; the deepest pass draws nothing, so CPU runs
+            # draw what they drew before
+            shallow = torch.randint(1, d_max, (x.shape[0],)).to(x.device)
         logits = self.model(x, d_max)
         loss = self._loss(logits, y, teacher)
         shallow_soft = logits.detach() if self.inplace else teacher
-        if self.depth_sampling == "sandwich" and d_max > 1:
-            # drawn from the CPU generator on every device: its state is what `_save_state` keeps, so a resumed
-            # GPU run draws what it would have drawn, not the CUDA generator's fresh seed
-            shallow = torch.randint(1, d_max, (x.shape[0],)).to(x.device)
+        if sandwich:
             loss = loss + self._loss(self.model(x, shallow), y, shallow_soft)
         elif self.depth_sampling == "all":
             for d in range(1, d_max):

@@ -16,7 +16,9 @@ from model.router_fit import (
     entropy_curve,
     fit_difficulty_net,
     fit_routers,
+    joined_linearly,
     learned_curve,
+    out_of_fold_front,
     out_of_fold_nets,
     pareto,
     simulate,
@@ -184,14 +186,32 @@ def test_the_difficulty_net_learns_a_signal_it_can_see():
     assert spearman(p1, dark.float()) > 0.8
 
 
-def test_the_learned_curve_routes_every_image_by_a_net_that_never_saw_it(split):
+def _signal_split(n: int = 400) -> SplitOutputs:
+    """Depth 1 is right on dark images (10 % flipped), depth 2 on dark ones and half the rest, depth 3 on all:
+    a signal the learned router can see, so its curve has several points."""
+    g = torch.Generator().manual_seed(5)
+    images = _images(n, size=28)
+    dark = images.float().mean(dim=(1, 2, 3)) < images.float().mean()
+    right = torch.stack(
+        [
+            dark ^ (torch.rand(n, generator=g) < 0.1),
+            dark | (torch.rand(n, generator=g) < 0.5),
+            torch.ones(n, dtype=torch.bool),
+        ]
+    )
+    probs = torch.stack([right.float(), 1 - right.float()], dim=-1)  # (3, N, 2): label 0 where right
+    return SplitOutputs(images, complexity(images), probs, torch.zeros(n, dtype=torch.long), (10, 20, 30))
+
+
+def test_out_of_fold_nets_never_see_the_images_they_route(split):
     """Relabel one fold: its own net is bit-identical (it was fitted without those images), every other net
-    changes; and the curve is scored on every image of the split, each once."""
+    changes; and the folds cover the split, each image once."""
     relabelled = split.labels.clone()
     nets = out_of_fold_nets(split, folds=3, hidden=4, steps=40)
     index = nets[0][0]
-    relabelled[index] = (relabelled[index] + 1) % 5  # every image of fold 0 changes its correctness at every depth
+    relabelled[index] = (relabelled[index] + 1) % 5  # fold 0's correctness changes wherever a depth was right
     other = SplitOutputs(split.images, split.complexity, split.probabilities, relabelled, split.macs_by_depth)
+    assert not torch.equal(other.correct[index], split.correct[index])
     again = out_of_fold_nets(other, folds=3, hidden=4, steps=40)
     weights = [[(n.w1, n.b1, n.w2, n.b2, n.mean, n.std) for _, n in run] for run in (nets, again)]
     assert all(torch.equal(a, b) for a, b in zip(weights[0][0], weights[1][0], strict=True))
@@ -199,15 +219,37 @@ def test_the_learned_curve_routes_every_image_by_a_net_that_never_saw_it(split):
         assert torch.equal(nets[k][0], again[k][0])  # the folds depend on the split's size and seed only
         assert not torch.equal(weights[0][k][2], weights[1][k][2])
     assert sorted(torch.cat([i for i, _ in nets]).tolist()) == list(range(len(split.labels)))
-    # a penalty's point is the fold nets' decisions pooled: recomputed here for the cheapest and the dearest penalty
+    with pytest.raises(ValueError, match="folds"):
+        out_of_fold_nets(split, folds=1)
+
+
+def test_the_learned_curve_prices_the_served_net_and_scores_it_out_of_fold():
+    """Each point costs what the served net (fitted on the whole split) costs at its penalty, and scores the
+    out-of-fold front's accuracy at that cost; the front pools the fold nets' decisions on their own folds."""
     from model.routers import LearnedRouter
 
-    curve = learned_curve(split, folds=3, hidden=4, steps=40)
-    cost = tuple(m / split.macs_by_depth[-1] for m in split.macs_by_depth)
-    for point in (curve[0], curve[-1]):
+    split = _signal_split()
+    fit = {"hidden": 4, "steps": 150}
+    served = fit_difficulty_net(split, **fit)
+    curve = learned_curve(split, served, folds=4, **fit)
+    front = out_of_fold_front(split, folds=4, **fit)
+    assert len(curve) >= 3 and len(front) >= 3
+    cost = (1 / 3, 2 / 3, 1.0)
+    xs, ys = [p["val_macs"] for p in front], [p["val_accuracy"] for p in front]
+    for point in curve:
+        macs = simulate(LearnedRouter(served, point["settings"]["penalty"], cost), split)["macs"].mean()
+        assert point["val_macs"] == float(macs)
+        assert point["val_accuracy"] == joined_linearly(point["val_macs"], xs, ys)
+    nets = out_of_fold_nets(split, folds=4, **fit)
+    for point in front:
         runs = [simulate(LearnedRouter(n, point["settings"]["penalty"], cost), split.subset(i)) for i, n in nets]
         assert point["val_accuracy"] == float(torch.cat([r["correct"] for r in runs]).float().mean())
         assert point["val_macs"] == float(torch.cat([r["macs"] for r in runs]).mean())
+    # the served net scored in-sample would claim more than out of fold somewhere on the front
+    in_sample = [
+        simulate(LearnedRouter(served, p["settings"]["penalty"], cost), split)["correct"].float().mean() for p in curve
+    ]
+    assert any(float(a) > p["val_accuracy"] for a, p in zip(in_sample, curve, strict=True))
 
 
 def test_budget_picks_the_most_accurate_point_within_it():
