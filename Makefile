@@ -91,8 +91,8 @@ train-twin: setup
 # The distillation recipe (not shipped: on 2026-12-01 its 20 epochs on the 2-core CPU, 70 min, scored 0.2-0.4 pt
 # below the shipped puppet at every depth on validation; docs/training-experiments.md): ranks 12,18,21 (38,789 stored
 # numbers), knowledge distillation from the twin and in-place distillation, NPROC DDP processes (a 256-image global
-# batch), KD_EPOCHS epochs (about 3.5 min each on the 2-core CPU, 3.0 of them training). The long schedule: make train-kd KD_EPOCHS=60;
-# on one GPU: make train-kd NPROC=1 BATCH=256 KD_EPOCHS=100.
+# batch), KD_EPOCHS epochs (about 3.5 min each on the 2-core CPU, 3.0 of them training). The long schedule:
+# make train-kd KD_EPOCHS=60; on one GPU: make train-kd NPROC=1 BATCH=256 KD_EPOCHS=100.
 NPROC ?= 2
 BATCH ?= 128
 KD_EPOCHS ?= 20
