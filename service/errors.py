@@ -9,6 +9,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.logs import note
 
+# The refusal at the door while draining (HTTP middleware, gRPC): the request was never taken. A request already
+# taken that the drain could not finish says "the service is shutting down" alone (service/pipeline.py).
+DRAINING_MESSAGE = "the service is shutting down; retry on another instance"
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):

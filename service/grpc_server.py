@@ -26,7 +26,7 @@ import uuid
 from google.protobuf import unknown_fields
 
 from service import metrics
-from service.errors import ApiError
+from service.errors import DRAINING_MESSAGE, ApiError
 from service.logs import REQUEST_FIELDS, access_line
 from service.oip_tensors import (
     MODEL_NAME,
@@ -161,8 +161,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         s = self.state
         if s.draining:
             metrics.REJECTIONS.labels("draining").inc()
-            message = "the service is shutting down; retry on another instance"
-            raise ApiError(503, "draining", message, {"Retry-After": "1"})
+            raise ApiError(503, "draining", DRAINING_MESSAGE, {"Retry-After": "1"})
         if not s.ready or s.batcher is None:
             message = "the model is still loading or the service is draining"
             raise ApiError(503, "not_ready", message, {"Retry-After": "1"})

@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.connections import BODY_RECEIVED
-from service.errors import error_response
+from service.errors import DRAINING_MESSAGE, error_response
 from service.logs import REQUEST_FIELDS, access_line
 from service.request_context import CLIENT_CLOSED, REQUEST_STARTED, new_request_id, sane_request_id
 from service.state import ServiceState
@@ -92,8 +92,7 @@ class MetricsMiddleware:
                 await exchange.refuse(receive, 400, "unsupported_transfer_coding", message, {"Connection": "close"})
             elif self.state.draining and not exchange.path.startswith(HEALTH_PATHS):
                 metrics.REJECTIONS.labels("draining").inc()
-                message = "the service is shutting down; retry on another instance"
-                await exchange.refuse(receive, 503, "draining", message, {"Retry-After": "1"})
+                await exchange.refuse(receive, 503, "draining", DRAINING_MESSAGE, {"Retry-After": "1"})
             else:
                 received = scope.get(BODY_RECEIVED)  # service/connections.py
                 whole = received is not None and received()
