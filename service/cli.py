@@ -16,12 +16,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
+def _run_serve(args: argparse.Namespace) -> int:  # returns only when the settings are invalid
     from pydantic import ValidationError
 
     from service.server import run_server  # the process runner: this command is the one place that wires it in
     from service.settings import Settings
-    from service.supervisor import serve
+    from service.supervisor import exit_drained, serve
 
     overrides = {k: v for k in ("checkpoint", "host", "port") if (v := getattr(args, k)) is not None}
     try:
@@ -31,7 +31,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             print(f"puppet-cnn serve: invalid setting {where}: {err['msg']}", file=sys.stderr)
         return 2
-    return serve(settings, run_server)
+    exit_drained(serve(settings, run_server))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,7 +244,8 @@ class _Sent(NamedTuple):
 def test_sigterm_under_load_loses_no_accepted_request(pngs):
     """Accepted means past the door: the server's access log and the clients' answers agree on every request;
     every 503 is the door's refusal (never a request already taken); nothing answered before the signal
-    failed; the drain waits for what is in flight and exits 0 within its timeout.
+    failed; the server exits 0 within the drain timeout. (That the drain waits for requests certainly in flight
+    is test_service_load.py's SIGTERM test: here the server is often idle at the signal, the clients being slow.)
 
     Every claim here is causal (what came back before the signal, what the server logged, which refusal it
     was), none a guess at how long a client takes to reach the server: with 16 client threads and the server on
@@ -316,10 +317,6 @@ def test_sigterm_under_load_loses_no_accepted_request(pngs):
     # never took (not in its log): nothing accepted is lost.
     cut = [r for r in results if r.status == -1]
     assert not [r for r in cut if r.request_id in logged], f"accepted requests dropped: {shown(cut)}"
-    # the drain waited for the requests in flight at the signal, and they were answered
-    drain = [r["message"] for r in lines if r["logger"] == "puppet.server" and "draining" in r["message"]]
-    assert len(drain) == 1 and int(drain[0].split("draining ")[1].split()[0]) >= 1, drain
-    assert [r for r in results if r.status == 200 and r.done > t_signal], "nothing in flight was answered"
     assert rc == 0 and exited - t_signal < drain_s, f"exit {rc} after {exited - t_signal:.1f} s"
     print(
         f"{len(answered)} answered ({list(answered.values()).count(200)} ok, {len(refused)} refused at the door, "
