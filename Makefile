@@ -77,57 +77,62 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # Full training of the shipped checkpoint and its static twin (resumes; then the routers are calibrated on the
-# validation split). The shipped puppet's recipe: one process, ranks 8,16,20, labels only, 16 epochs, about 85 min on
-# the 2-core CPU. (The shipped run began on a 20-epoch schedule and was resumed as a 16-epoch one, so its learning
-# rate followed neither curve exactly: this target reproduces the recipe, not those exact weights.)
-PUPPET_RECIPE = --ranks 8,16,20 --no-inplace-distillation --epochs 16 --threads 1
+# validation split). The shipped puppet's recipe: ranks 12,18,21 (38,789 stored numbers), knowledge distillation from
+# the twin (alpha 0.9, T 4) and in-place distillation, 60 epochs, NPROC DDP processes of BATCH images (a 256-image
+# global batch), AdamW 3e-3 with warm-up and cosine: about 3.5 min an epoch on the 2-core CPU (3.5 h in all). On one
+# GPU: make train NPROC=1 BATCH=256. (The shipped run was stopped and resumed across sessions; a resume keeps the
+# schedule and every rank's random stream.)
+NPROC ?= 2
+BATCH ?= 128
+TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) --no-python $(VENV)/bin/puppet-cnn
+PUPPET_RECIPE = --teacher $(TWIN) --epochs 60 --batch-size $(BATCH) --threads 1
 train: setup
-	$(VENV)/bin/puppet-cnn train $(PUPPET_RECIPE) --out $(CHECKPOINT) --resume
+	$(TORCHRUN) train $(PUPPET_RECIPE) --out $(CHECKPOINT) --resume
 	$(VENV)/bin/puppet-cnn calibrate-routers --checkpoint $(CHECKPOINT) --threads 1
+
+# The previous shipped puppet's recipe (labels only, one process, ranks 8,16,20, 16 epochs, about 85 min on the 2-core
+# CPU; that puppet is checkpoints/experiments/puppet-labels-r8-16-20-e16.safetensors): the ablations train on it.
+LABELS_RECIPE = --ranks 8,16,20 --no-inplace-distillation --epochs 16 --threads 1
 
 train-twin: setup
 	$(VENV)/bin/puppet-cnn train --kind twin --depth-sampling max --epochs 20 --threads 1 --out $(TWIN) --resume
 
-# The distillation recipe (not shipped: on 2026-12-01 its 20 epochs on the 2-core CPU, 70 min, scored 0.2-0.4 pt
-# below the shipped puppet at every depth on validation; docs/training-experiments.md): ranks 12,18,21 (38,789 stored
-# numbers), knowledge distillation from the twin and in-place distillation, NPROC DDP processes (a 256-image global
-# batch), KD_EPOCHS epochs (about 3.5 min each on the 2-core CPU, 3.0 of them training). The long schedule:
-# make train-kd KD_EPOCHS=60; on one GPU: make train-kd NPROC=1 BATCH=256 KD_EPOCHS=100.
-NPROC ?= 2
-BATCH ?= 128
+# The shipped recipe on other schedules, for experiments (docs/training-experiments.md): KD_EPOCHS epochs (about
+# 3.5 min each on the 2-core CPU), written under runs/kd/. Its 20 epochs (2026-12-01, 70 min) scored 0.2-0.4 pt below
+# the previous puppet at every depth on validation and were not shipped. On one GPU: make train-kd NPROC=1 BATCH=256
+# KD_EPOCHS=100.
 KD_EPOCHS ?= 20
-TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) --no-python $(VENV)/bin/puppet-cnn
 KD_RECIPE = --teacher $(TWIN) --epochs $(KD_EPOCHS) --batch-size $(BATCH) --threads 1
 KD_CHECKPOINT := runs/kd/puppet-kd-e$(KD_EPOCHS).safetensors
 train-kd: setup
 	$(TORCHRUN) train $(KD_RECIPE) --out $(KD_CHECKPOINT) --resume
 	$(VENV)/bin/puppet-cnn calibrate-routers --checkpoint $(KD_CHECKPOINT) --threads 1
 
-# Distillation as a warm start (docs/training-experiments.md): the shipped labels-only puppet trained 8 more epochs
+# Distillation as a warm start (docs/training-experiments.md): the previous, labels-only puppet trained 8 more epochs
 # with the twin as teacher (alpha 0.9, T 4) and in-place distillation, peak learning rate 1e-3, one process, about
 # 45 min on the 2-core CPU when it has a core to itself.
-FT_RECIPE = --init-from $(CHECKPOINT) --teacher $(TWIN) --ranks 8,16,20 --epochs 8 --lr 1e-3 --threads 1
+FT_RECIPE = --init-from checkpoints/experiments/puppet-labels-r8-16-20-e16.safetensors --teacher $(TWIN) --ranks 8,16,20 --epochs 8 --lr 1e-3 --threads 1
 FT_CHECKPOINT := runs/finetune/puppet-ft-e8.safetensors
 train-finetune: setup
 	$(VENV)/bin/puppet-cnn train $(FT_RECIPE) --out $(FT_CHECKPOINT) --resume
 	$(VENV)/bin/puppet-cnn calibrate-routers --checkpoint $(FT_CHECKPOINT) --threads 1
 
-# The ablations of docs/model-report.md on the shipped recipe: the ODE puppeteer against tied kernels at equal stored
-# numbers (33,485 and 33,401), two seeds each, and a plain CNN of the puppet's stored numbers (widths 8,12,15 at
-# depth 4: 33,233). Every seed keeps the shipped validation split. About 85 min a puppet run and 35 min the plain CNN
-# on this CPU, one process each. All five were trained on 2026-12-01/02 on the 2-core CPU; a finished run whose state
-# file (git-ignored) is beside it is skipped, so on that machine this target has nothing left to do and a fresh
-# clone trains them all again.
+# The ablations of docs/model-report.md on the previous puppet's recipe (LABELS_RECIPE): the ODE puppeteer against
+# tied kernels at equal stored numbers (33,485 and 33,401), two seeds each, and a plain CNN of the puppet's stored
+# numbers (widths 8,12,15 at depth 4: 33,233). Every seed keeps the shipped validation split. About 85 min a puppet
+# run and 35 min the plain CNN on this CPU, one process each. All five were trained on 2026-12-01/02 on the 2-core
+# CPU; a finished run whose state file (git-ignored) is beside it is skipped, so on that machine this target has
+# nothing left to do and a fresh clone trains them all again.
 ABLATIONS := checkpoints/ablation
 # make evaluate reports the ablation checkpoints that exist (every seed trained so far)
 ABLATION_FLAGS := $(foreach group,ode tied,$(if $(wildcard $(ABLATIONS)/$(group)-s*.safetensors),--ablation-$(group) $(wildcard $(ABLATIONS)/$(group)-s*.safetensors))) $(if $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors),--plain-cnn $(wildcard $(ABLATIONS)/plain-cnn-*.safetensors))
 ablations: setup
 	for seed in 0 1; do \
-	  $(VENV)/bin/puppet-cnn train $(PUPPET_RECIPE) --seed $$seed --split-seed 0 --out $(ABLATIONS)/ode-s$$seed.safetensors --resume && \
-	  $(VENV)/bin/puppet-cnn train $(PUPPET_RECIPE) --tied --ranks 11,18,22 --seed $$seed --split-seed 0 --out $(ABLATIONS)/tied-s$$seed.safetensors --resume \
+	  $(VENV)/bin/puppet-cnn train $(LABELS_RECIPE) --seed $$seed --split-seed 0 --out $(ABLATIONS)/ode-s$$seed.safetensors --resume && \
+	  $(VENV)/bin/puppet-cnn train $(LABELS_RECIPE) --tied --ranks 11,18,22 --seed $$seed --split-seed 0 --out $(ABLATIONS)/tied-s$$seed.safetensors --resume \
 	  || exit 1; \
 	done
-	$(VENV)/bin/puppet-cnn train $(PUPPET_RECIPE) --kind twin --depth-sampling max --widths 8,12,15 --out $(ABLATIONS)/plain-cnn-33k.safetensors --resume
+	$(VENV)/bin/puppet-cnn train $(LABELS_RECIPE) --kind twin --depth-sampling max --widths 8,12,15 --out $(ABLATIONS)/plain-cnn-33k.safetensors --resume
 
 evaluate: setup
 	$(VENV)/bin/puppet-cnn evaluate --checkpoint $(CHECKPOINT) --twin $(TWIN) --threads 1 --out docs $(ABLATION_FLAGS)
