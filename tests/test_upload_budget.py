@@ -160,7 +160,8 @@ def server(request, sample_png):
     # The request deadline raised from 2 s: every worst upload must be decoded, for its stall and its memory to
     # be measured. At 2 s, admission refuses (429) what is left with under 40% of the deadline once decoded,
     # which on a slower or busier CPU the worst JPEG reaches alone (0.5 s on the 2-core Xeon when quiet; a run
-    # with training on both cores got 429 for it). Admission by time has its own tests (test_reliability.py, test_service_load.py).
+    # with training on both cores got 429 for it). Admission by time has its own tests (test_reliability.py,
+    # test_service_load.py).
     s = LiveServer(env=ENVIRONMENTS[request.param], request_deadline_ms=60_000)
     s.env_name = request.param
     # warm: every format's plugin imported, the decoding threads started, a batch run
