@@ -146,6 +146,13 @@ def capacity(url: str, pngs: list[bytes], *, images_per_request: int, seconds: f
     return asyncio.run(run())
 
 
+class LoadRun(list):
+    """The outcomes of an open-loop run, and the client's own worst lateness (`client_lag_s`): how late its event
+    loop woke for a 10 ms tick. An answer can reach the client's code that much after it arrived."""
+
+    client_lag_s: float = 0.0
+
+
 def open_loop(
     url: str,
     pngs: list[bytes],
@@ -155,25 +162,37 @@ def open_loop(
     images_per_request: int,
     query: str = "",
     keep_bodies: bool = True,
-) -> list[Outcome]:
+) -> LoadRun:
     """Send `rate` requests per second for `seconds`, whatever the answers, and wait for every answer.
 
     The client's garbage collector is off meanwhile: a pause of the client would otherwise be followed by a
     burst of overdue requests that the server never saw coming. `keep_bodies=False` keeps only the bodies
-    of failed answers (a long run's memory).
+    of failed answers (a long run's memory). The outcomes carry the client's worst lateness (`LoadRun`).
     """
 
-    async def run() -> list[Outcome]:
+    async def run() -> LoadRun:
         client = Client(url, pngs, images_per_request, query, keep_bodies=keep_bodies)
         tasks = []
+        lag = 0.0
+
+        async def ticker() -> None:
+            nonlocal lag
+            while True:
+                due = time.monotonic() + 0.01
+                await asyncio.sleep(0.01)
+                lag = max(lag, time.monotonic() - due)
+
+        ticking = asyncio.create_task(ticker())
         t0 = time.monotonic()
         for i in range(int(rate * seconds)):
             delay = t0 + i / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(client.post(i)))
-        outcomes = list(await asyncio.gather(*tasks))
+        outcomes = LoadRun(await asyncio.gather(*tasks))
+        ticking.cancel()
         client.close()
+        outcomes.client_lag_s = lag
         return outcomes
 
     gc.disable()
