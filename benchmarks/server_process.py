@@ -146,6 +146,8 @@ class ServerProcess:
         base_env: the environment to start from (default: this process's).
         cwd: the working directory of the server (default: this process's).
         command: what to run instead of `python -m service.cli serve` with this interpreter.
+        address: where this process reaches the server (a server in another network namespace listens on
+            another address than loopback).
     """
 
     def __init__(
@@ -157,9 +159,10 @@ class ServerProcess:
         cwd: str | os.PathLike | None = None,
         timeout: float = 120.0,
         command: list[str] | None = None,
+        address: str = "127.0.0.1",
     ):
         self.port, grpc_port = free_ports(2)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{address}:{self.port}"
         full_env = {
             **(os.environ if base_env is None else base_env),
             **(env or {}),
@@ -169,7 +172,7 @@ class ServerProcess:
         full_env.setdefault("PUPPET_LOG_LEVEL", "warning")
         full_env.update({f"PUPPET_{k.upper()}": str(v) for k, v in settings.items()})
         self.grpc_port = int(full_env["PUPPET_GRPC_PORT"])  # 0: gRPC is off
-        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
+        self.grpc_target = f"{address}:{self.grpc_port}"
         self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             command or [sys.executable, "-m", "service.cli", "serve"],

@@ -32,11 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             from service.grpc_server import start_grpc_server  # not at import: see service/grpc_server.py
 
             grpc_server = await start_grpc_server(state)
+        state.loop_lag.start()  # how long requests wait unread: admission counts it (service/loop_lag.py)
         state.set_ready(True)
         try:
             yield
         finally:
             state.set_ready(False)
+            state.loop_lag.stop()
             if grpc_server is not None:  # calls still running get the grace period, new ones UNAVAILABLE
                 await grpc_server.stop(settings.drain_timeout_s)
             if state.batcher is not None:

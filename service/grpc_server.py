@@ -37,7 +37,7 @@ from service.oip_tensors import (
     model_metadata,
     server_metadata,
 )
-from service.request_context import CLIENT_CLOSED, REQUEST_STARTED, new_request_id, sane_request_id
+from service.request_context import CLIENT_CLOSED, REQUEST_CLOCK, RequestClock, new_request_id, sane_request_id
 from service.state import ServiceState, StartupFailed
 from service.supervisor import worker_count
 
@@ -78,7 +78,8 @@ def _rpc(method):
     @functools.wraps(method)
     async def handler(self: InferenceService, request, context: grpc.aio.ServicerContext):
         start = time.perf_counter()
-        started_token = REQUEST_STARTED.set(start)
+        # the message is in when the call begins; it waited about the loop's lag before that
+        clock_token = REQUEST_CLOCK.set(RequestClock(start - self.state.loop_lag.current()))
         request_id = _request_id(context)
         fields = {"request_id": request_id, "method": "gRPC", "path": route}
         fields_token = REQUEST_FIELDS.set(fields)
@@ -112,7 +113,7 @@ def _rpc(method):
             self.state.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             REQUEST_FIELDS.reset(fields_token)
-            REQUEST_STARTED.reset(started_token)
+            REQUEST_CLOCK.reset(clock_token)
             duration = time.perf_counter() - start
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_DURATION.labels(route).observe(duration)

@@ -1,10 +1,9 @@
 """What every HTTP request goes through before and after its route: its id, the in-flight count, 503 while
-draining, a deadline on reading the body, refusal of transfer codings other than chunked, request metrics by
+draining, the pace a body must keep while it arrives (service/body_pace.py) and the origin of its deadline, refusal of transfer codings other than chunked, request metrics by
 route template and one access-log line. The gRPC service does the same for its calls (service/grpc_server.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -13,18 +12,15 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from service import metrics
+from service.body_pace import PaceLimits, UploadTooSlow, paced_receive
 from service.connections import BODY_RECEIVED
 from service.errors import DRAINING_MESSAGE, error_response
 from service.logs import REQUEST_FIELDS, access_line
-from service.request_context import CLIENT_CLOSED, REQUEST_STARTED, new_request_id, sane_request_id
+from service.request_context import CLIENT_CLOSED, REQUEST_CLOCK, RequestClock, new_request_id, sane_request_id
 from service.state import ServiceState
 
 log = logging.getLogger("puppet.service")
 HEALTH_PATHS = ("/health/", "/v2/health/", "/metrics")  # answered while draining, logged quietly
-
-
-class BodyTimeout(Exception):
-    """The request body did not arrive by its deadline."""
 
 
 class _Exchange:
@@ -55,31 +51,33 @@ class _Exchange:
 
 
 class MetricsMiddleware:
-    """Request id, in-flight gauge, 503 while draining, a deadline on reading the body, transfer codings,
-    request metrics by route template, one access-log line."""
+    """Request id, in-flight gauge, 503 while draining, the body's pace and the deadline's origin, transfer
+    codings, request metrics by route template, one access-log line."""
 
     def __init__(self, app, state: ServiceState):
         self.app, self.state = app, state
-        self.read_timeout_s = state.settings.read_timeout_s
+        s = state.settings
+        self.pace = PaceLimits(s.read_timeout_s, s.min_upload_rate, s.upload_rate_window_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         exchange = _Exchange(scope, send)
-        started_token = REQUEST_STARTED.set(exchange.start)
+        clock = RequestClock(exchange.start - self.state.loop_lag.current())
+        clock_token = REQUEST_CLOCK.set(clock)
         fields_token = REQUEST_FIELDS.set(exchange.fields)
         self.state.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
-            await self._handle(exchange, receive)
+            await self._handle(exchange, receive, clock)
         finally:
             self.state.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             REQUEST_FIELDS.reset(fields_token)
-            REQUEST_STARTED.reset(started_token)
+            REQUEST_CLOCK.reset(clock_token)
             _record(exchange)
 
-    async def _handle(self, exchange: _Exchange, receive) -> None:
+    async def _handle(self, exchange: _Exchange, receive, clock: RequestClock) -> None:
         """The route, or the refusal that replaces it; the errors that escape the route, answered."""
         scope = exchange.scope
         try:
@@ -95,14 +93,19 @@ class MetricsMiddleware:
                 await exchange.refuse(receive, 503, "draining", DRAINING_MESSAGE, {"Retry-After": "1"})
             else:
                 received = scope.get(BODY_RECEIVED)  # service/connections.py
-                whole = received is not None and received()
-                await self.app(scope, receive if whole else self._by_deadline(receive), exchange.send)
-        except BodyTimeout:
+                if received is None or received():  # the usual case: the body came whole with the head
+                    await self.app(scope, receive, exchange.send)
+                else:  # the deadline starts once the body is in, less the time it waited unread
+
+                    def body_in() -> None:
+                        clock.body_received(time.perf_counter(), self.state.loop_lag.current())
+
+                    await self.app(scope, paced_receive(receive, self.pace, body_in), exchange.send)
+        except UploadTooSlow as e:
             if exchange.started:
                 raise
-            metrics.REJECTIONS.labels("request_timeout").inc()
-            message = f"the request body did not arrive within {self.read_timeout_s:g} s"
-            await exchange.refuse(receive, 408, "request_timeout", message, {"Connection": "close"})
+            metrics.REJECTIONS.labels(e.code).inc()
+            await exchange.refuse(receive, 408, e.code, e.message, {"Connection": "close"})
         except ClientDisconnect:  # the client went away mid-upload: nobody to answer, and not our failure
             exchange.status = CLIENT_CLOSED
             exchange.fields["error"] = "client_closed"
@@ -114,26 +117,6 @@ class MetricsMiddleware:
             log.error("unhandled error on %s (error id %s)", exchange.path, error_id, exc_info=exc)
             message = f"internal error (error id {error_id}); it is logged"
             await error_response(500, "internal", message, {"X-Error-Id": error_id})(scope, receive, exchange.send)
-
-    def _by_deadline(self, receive):
-        """`receive`, held to the body's deadline: a client that sends less than its Content-Length would otherwise
-        hold the request for ever. Once the body is complete, receive() only reports a disconnect."""
-        deadline = asyncio.get_running_loop().time() + self.read_timeout_s
-        body_done = False
-
-        async def receive_by_deadline():
-            nonlocal body_done
-            if body_done:
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTimeout from None
-            body_done = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-
-        return receive_by_deadline
 
 
 def _record(exchange: _Exchange) -> None:

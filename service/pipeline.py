@@ -23,7 +23,7 @@ from service.batcher import (
 from service.decoding import decode_all
 from service.errors import ApiError
 from service.logs import note
-from service.request_context import request_started
+from service.request_context import deadline_origin
 from service.state import ServiceState
 
 
@@ -54,7 +54,7 @@ async def infer(
     note(images=len(images))
     with refusals(state):
         results, timings = await state.batcher.submit(
-            images, depth=depth, max_depth=max_depth, started=request_started()
+            images, depth=depth, max_depth=max_depth, started=deadline_origin()
         )
     note(
         depths=[r.depth for r in results],
@@ -74,7 +74,7 @@ def admission_check(state: ServiceState, n: int, *, depth: int | None, max_depth
     accepted in 8 s against 606-819 with this check, and answers past the deadline; docs/reliability.md). So
     under overload even an undecodable upload gets 429; its 400 comes when it is retried."""
     with refusals(state):
-        state.batcher.check(n, depth=depth, max_depth=max_depth, started=request_started())
+        state.batcher.check(n, depth=depth, max_depth=max_depth, started=deadline_origin())
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """What the request being handled carries through the service, whatever its transport (HTTP middleware,
-service/middleware.py; gRPC, service/grpc_server.py): when the service began handling it, and its id."""
+service/middleware.py; gRPC, service/grpc_server.py): the origin of its deadline, and its id."""
 
 from __future__ import annotations
 
@@ -7,16 +7,31 @@ import itertools
 import time
 import uuid
 from contextvars import ContextVar
-
-# When the service began handling the current request or call (time.perf_counter())
-REQUEST_STARTED: ContextVar[float | None] = ContextVar("puppet_request_started", default=None)
+from dataclasses import dataclass
 
 
-def request_started() -> float:
-    """When the service began handling the current request (time.perf_counter()): its deadline counts from
-    here, so time spent reading the body and decoding counts too."""
-    started = REQUEST_STARTED.get()
-    return time.perf_counter() if started is None else started
+@dataclass
+class RequestClock:
+    """When the current request (or call) arrived, by the service's clock (time.perf_counter()).
+
+    `received` is the origin of its deadline: when its body was all received (a slow upload's transfer is the
+    client's time, not the service's), less how long it had waited unread in the socket before that (the event
+    loop's lag, service/loop_lag.py)."""
+
+    received: float
+
+    def body_received(self, now: float, unread_s: float) -> None:
+        self.received = now - unread_s
+
+
+REQUEST_CLOCK: ContextVar[RequestClock | None] = ContextVar("puppet_request_clock", default=None)
+
+
+def deadline_origin() -> float:
+    """The origin of the current request's deadline (time.perf_counter()): time spent decoding and queueing after
+    its body was received counts, the upload itself does not."""
+    clock = REQUEST_CLOCK.get()
+    return time.perf_counter() if clock is None else clock.received
 
 
 def sane_request_id(value: bytes) -> bool:

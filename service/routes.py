@@ -44,13 +44,14 @@ async def classify(request: Request, state: Loaded) -> JSONResponse:
     s, ckpt = state.settings, state.ckpt
     d_max = ckpt.config.max_depth
     blobs, options = await images_and_options(request, s.max_upload_bytes, s.max_images_per_request)
+    t_body = time.perf_counter()
     k = parse_top_k(options["top_k"], s.default_top_k, len(ckpt.classes))
     depth = parse_depth(options["depth"], d_max)
     max_depth = parse_depth(options["max_depth"], d_max, "max_depth")
     answer = await pipeline.classify(state, blobs, depth=depth, max_depth=max_depth)
     results, timings, t_pre = answer.results, answer.timings, answer.decoded_at
-    metrics.PREPROCESS.observe(t_pre - t0)
-    note(preprocess_ms=round((t_pre - t0) * 1000, 3))
+    metrics.PREPROCESS.observe(t_pre - t_body)
+    note(receive_ms=round((t_body - t0) * 1000, 3), preprocess_ms=round((t_pre - t_body) * 1000, 3))
     total = time.perf_counter() - t0
     body = {
         "results": [
@@ -68,8 +69,9 @@ async def classify(request: Request, state: Loaded) -> JSONResponse:
         "model_version": ckpt.version,
         "backend": {"name": state.backend.name, "provider": state.backend.provider},
         "timings_ms": {
+            "receive": round((t_body - t0) * 1000, 3),
             "queue": round(timings.queue_s * 1000, 3),
-            "preprocess": round((t_pre - t0) * 1000, 3),
+            "preprocess": round((t_pre - t_body) * 1000, 3),
             "inference": round(timings.inference_s * 1000, 3),
             "escalation": round(timings.escalation_s * 1000, 3),
             "total": round(total * 1000, 3),

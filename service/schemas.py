@@ -46,8 +46,9 @@ class ImageClassification(BaseModel):
 
 
 class Timings(BaseModel):
+    receive: float = Field(description="reading the request body: the client's upload, not part of the deadline")
     queue: float
-    preprocess: float
+    preprocess: float = Field(description="decoding the images, once the body is in")
     inference: float = Field(description="the first pass: complexity, routing and the model")
     escalation: float = Field(description="the batch's second pass (escalated images), 0 when there was none")
     total: float

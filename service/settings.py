@@ -116,7 +116,18 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         le=300,
-        description="a request's head, and then its body, must arrive within this (else 408 and the connection closes)",
+        description="a request's head must arrive within this, and its body may pause no longer than this between "
+        "two reads (else 408 and the connection closes); a body that takes longer than this must also keep "
+        "min_upload_rate",
+    )
+    min_upload_rate: float = Field(
+        16384.0,
+        ge=0,
+        description="bytes/s that a body taking longer than read_timeout_s must average over the last "
+        "upload_rate_window_s (else 408 upload_too_slow); 0: no minimum, only the pause limit",
+    )
+    upload_rate_window_s: float = Field(
+        10.0, gt=0, le=300, description="the window over which min_upload_rate is averaged"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for a terminal")

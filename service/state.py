@@ -11,7 +11,7 @@ import gc
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,7 @@ from model.routers import Router
 from service import metrics
 from service.backends import Backend, OnnxBackend, TorchBackend
 from service.batcher import Batcher
+from service.loop_lag import LoopLag
 from service.settings import Settings
 
 log = logging.getLogger("puppet.service")
@@ -44,6 +45,7 @@ class ServiceState:
     draining: bool = False
     worker_up: bool = True
     in_flight: int = 0
+    loop_lag: LoopLag = field(default_factory=LoopLag)  # sampled on the serving event loop (service/app.py)
 
     @property
     def serving(self) -> bool:

@@ -324,7 +324,7 @@ def test_classify_answers_with_both_passes_and_the_metrics_count_them(server, es
     ] * N
     served = torch.stack([_served_probabilities(x) for x in results])
     torch.testing.assert_close(served, direct(escalating, images, [3] * N), atol=1e-5, rtol=0)
-    assert set(body["timings_ms"]) == {"queue", "preprocess", "inference", "escalation", "total"}
+    assert set(body["timings_ms"]) == {"receive", "queue", "preprocess", "inference", "escalation", "total"}
     assert body["timings_ms"]["escalation"] > 0 and "escalation;dur=" in r.headers["server-timing"]
     capped = _classify(server.url, pngs[:3], max_depth=2).json()["results"]
     assert [(x["depth"], x["depth_reason"], x["depths_run"]) for x in capped] == [(2, "capped", [1, 2])] * 3

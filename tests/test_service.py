@@ -98,7 +98,7 @@ def test_json_base64_and_options(server, test_images):
     out = r.json()
     assert [len(x["predictions"]) for x in out["results"]] == [2, 2, 2]
     assert {x["depth"] for x in out["results"]} == {3} and {x["depth_reason"] for x in out["results"]} == {"requested"}
-    assert set(out["timings_ms"]) == {"queue", "preprocess", "inference", "escalation", "total"}
+    assert set(out["timings_ms"]) == {"receive", "queue", "preprocess", "inference", "escalation", "total"}
     assert out["timings_ms"]["escalation"] == 0  # a requested depth never runs a second pass
     assert "inference;dur=" in r.headers["server-timing"] and "escalation;dur=0.000" in r.headers["server-timing"]
 

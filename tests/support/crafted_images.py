@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
+import numpy as np
 from PIL import Image
 
 
@@ -41,3 +43,29 @@ def exif_flood_png(tags: int = 20000) -> bytes:
     tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", tags) + entries + struct.pack("<I", 0)
     end = png.rindex(b"IEND") - 4
     return png[:end] + chunk(b"eXIf", tiff) + png[end:]
+
+
+def phone_photo(size: int, *, width: int = 2000, height: int = 1500, seed: int = 0) -> bytes:
+    """A real JPEG of exactly `size` bytes: a sample scaled up to a photo's dimensions with sensor noise, padded
+    with comment segments (as a phone's metadata pads its photos) up to `size`."""
+    from conftest import REPO
+
+    sample = Image.open(os.path.join(REPO, "samples", "fashion-mnist", "test-00000-ankle-boot.png")).convert("RGB")
+    pixels = np.asarray(sample.resize((width, height)), dtype=np.int16)
+    noisy = pixels + np.random.default_rng(seed).integers(-24, 25, pixels.shape)
+    out = io.BytesIO()
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(out, "JPEG", quality=85)
+    jpeg = out.getvalue()
+    padding = size - len(jpeg)
+    if padding < 0:
+        raise ValueError(f"a {width}x{height} photo is {len(jpeg):,} bytes, over {size:,}")
+    segments = []
+    while padding:
+        if padding < 4:
+            raise ValueError(f"{padding} bytes are too few for a comment segment: ask for another size")
+        n = min(padding, 65535 + 2)  # a segment: marker (2), length (2, counting itself), data
+        if 0 < padding - n < 4:  # the rest would be too short for a segment of its own
+            n -= 4
+        segments.append(b"\xff\xfe" + (n - 2).to_bytes(2, "big") + b"\x00" * (n - 4))
+        padding -= n
+    return jpeg[:2] + b"".join(segments) + jpeg[2:]

@@ -14,7 +14,14 @@ __all__ = ["SHIPPED", "LiveServer", "answer_or_cut", "free_port"]
 
 
 class LiveServer(ServerProcess):
-    def __init__(self, *, command: list[str] | None = None, env: dict[str, str] | None = None, **settings):
+    def __init__(
+        self,
+        *,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        address: str = "127.0.0.1",
+        **settings,
+    ):
         full_env = {
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH")])
@@ -24,7 +31,7 @@ class LiveServer(ServerProcess):
             "PUPPET_CHECKPOINT": os.environ.get("PUPPET_CHECKPOINT", SHIPPED),
             **(env or {}),
         }
-        super().__init__(settings, env=full_env, timeout=60, command=command)
+        super().__init__(settings, env=full_env, timeout=60, command=command, address=address)
 
     def process_stats(self) -> dict[str, int]:
         """Resident memory (bytes), open file descriptors and threads of the server process, from /proc."""

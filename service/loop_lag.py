@@ -1,0 +1,55 @@
+"""How long a request waits, unread, before the service sees it: the event loop's lag, sampled continuously.
+
+A request's bytes wait in the kernel (the accept queue, the socket's buffer) until the event loop gets round to
+them, and no timestamp on the request says for how long. A timer that is due every `interval_s` fires late by
+about as long as the loop was busy, which is also how long data that arrived meanwhile waited. Admission adds that
+wait to the time a request has already spent (service/request_context.py), so its deadline is closer to the
+client's clock than to the moment the service began handling it.
+
+The estimate is the latest peak, forgotten with a half-life: a request is priced at the worst recent wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+INTERVAL_S = 0.01
+HALF_LIFE_S = 1.0
+
+
+class LoopLag:
+    """The event loop's recent lag, in seconds (`current()`), from a timer that runs on it."""
+
+    def __init__(self, interval_s: float = INTERVAL_S, half_life_s: float = HALF_LIFE_S):
+        self.interval_s, self.half_life_s = interval_s, half_life_s
+        self._peak, self._peak_at = 0.0, 0.0
+        self._due = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Sample the running loop from now on."""
+        self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._due = time.monotonic() + self.interval_s
+        self._handle = loop.call_later(self.interval_s, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = time.monotonic()
+        self.observe(max(0.0, now - self._due), now)
+        self._schedule(loop)
+
+    def observe(self, lag_s: float, now: float) -> None:
+        """One sample: a new peak counts at once; an old one fades with the half-life."""
+        if lag_s >= self.current(now):
+            self._peak, self._peak_at = lag_s, now
+
+    def current(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        return self._peak * 0.5 ** ((now - self._peak_at) / self.half_life_s)
