@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := dataset-fashion-mnist wrk prometheus
+DEB_PACKAGES := dataset-fashion-mnist wrk prometheus iproute2
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
 
@@ -70,7 +70,7 @@ test: setup
 
 # The long reliability runs (about 15 minutes); make test runs their short versions.
 test-slow: setup
-	$(VENV)/bin/pytest -m slow -s tests/test_reliability.py
+	$(VENV)/bin/pytest -m slow -s tests/test_reliability.py tests/test_slow_links.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

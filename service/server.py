@@ -5,22 +5,31 @@ service imports this module.
 On the first signal: readiness turns false, new requests get 503, and the server keeps running until
 in-flight requests finish (or the drain timeout passes); then uvicorn shuts down as usual. A second
 SIGINT exits at once.
+
+The process ends by the drain timeout plus `EXIT_GRACE_S`, whatever the rest of the shutdown waits on: uvicorn's
+graceful shutdown gets only what is left of the drain timeout (its own timeout would add a whole drain timeout
+again), and a watchdog ends a process still there at the limit, logging every thread's stack first so the cause
+is visible. A rolling update or the supervisor can count on that limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 
 import uvicorn
 
 from service.app import create_app
 from service.connections import timed_protocol
 from service.settings import Settings
+from service.supervisor import EXIT_GRACE_S, exit_drained
 
 log = logging.getLogger("puppet.server")
 DRAIN_LINGER_S = 0.2
@@ -31,6 +40,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state, self.drain_timeout_s = state, drain_timeout_s
         self._drain_started = False
+        self._exit_by = math.inf  # the signal's time plus the drain timeout plus EXIT_GRACE_S
         self._signalled = threading.Event()
         threading.Thread(target=self._drain, name="puppet-drain", daemon=True).start()
 
@@ -47,6 +57,7 @@ class DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         self._signalled.wait()
+        self._exit_by = time.monotonic() + self.drain_timeout_s + EXIT_GRACE_S
         self.state.set_ready(False)
         log.info(
             "signal %s: draining %d in-flight requests (up to %.1f s)",
@@ -62,6 +73,24 @@ class DrainingServer(uvicorn.Server):
         # set directly rather than through handle_exit, which would re-raise the signal at exit
         # and end a clean drain with status -15 instead of 0
         self.should_exit = True
+        time.sleep(max(0.0, self._exit_by - time.monotonic()))
+        self._cut_short()
+
+    def _cut_short(self) -> None:
+        """The watchdog: the shutdown has outlived the drain timeout plus EXIT_GRACE_S. Log where every thread is,
+        then end the process: 0 if no request was left in flight (the drain is done, only the teardown hung)."""
+        stacks = "\n".join(
+            f"thread {ident}:\n{''.join(traceback.format_stack(frame))}"
+            for ident, frame in sys._current_frames().items()
+        )
+        in_flight = self.state.in_flight
+        log.error(
+            "still running %.1f s after the drain timeout with %d requests in flight; exiting. Threads:\n%s",
+            EXIT_GRACE_S,
+            in_flight,
+            stacks,
+        )
+        exit_drained(0 if in_flight == 0 else 1)
 
     async def shutdown(self, sockets=None) -> None:
         """Stop accepting first, then give requests already read off accepted connections a moment to be
@@ -69,6 +98,8 @@ class DrainingServer(uvicorn.Server):
         for server in self.servers:
             server.close()
         await asyncio.sleep(DRAIN_LINGER_S)
+        # the drain has already waited for requests in flight: uvicorn gets what is left of its timeout, not another
+        self.config.timeout_graceful_shutdown = max(0.1, self._exit_by - EXIT_GRACE_S - time.monotonic())
         await super().shutdown(sockets=sockets)
 
 

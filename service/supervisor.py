@@ -36,6 +36,8 @@ from service.settings import Settings
 
 log = logging.getLogger("puppet.supervisor")
 
+EXIT_GRACE_S = 1.0  # after the drain timeout: a serving process ends by then (service/server.py), whatever hangs
+
 # Serves the app until it drains: on the sockets given (a worker's), or on the settings' address when None
 RunServer = Callable[[Settings, list[socket.socket] | None], None]
 
@@ -169,27 +171,22 @@ class Supervisor:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _stop(self) -> int:
-        """Every worker drains (SIGTERM); kill what is still running well after the drain timeout. One still
-        running 5 s after the drain timeout has its threads' stacks logged first: a hang says where it is."""
+        """Every worker drains (SIGTERM) and ends by the drain timeout plus EXIT_GRACE_S (its own watchdog). One still
+        running half a second after that has its threads' stacks logged, then it is killed."""
         for p in self.procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
         start = time.monotonic()
         for p in self.procs:
-            p.join(max(0.0, start + self.settings.drain_timeout_s + 5 - time.monotonic()))
+            p.join(max(0.0, start + self.settings.drain_timeout_s + EXIT_GRACE_S + 0.5 - time.monotonic()))
         for p in self.procs:
             if p.is_alive():
                 log.error(
-                    "worker process %d has not stopped %.0f s after SIGTERM; its threads: %s",
+                    "worker process %d has not stopped %.1f s after SIGTERM; killing it. Its threads: %s",
                     p.pid,
                     time.monotonic() - start,
                     _stacks(p.pid),
                 )
-        deadline = start + self.settings.drain_timeout_s + 10
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                log.error("worker process %d did not stop in time; killing it", p.pid)
                 p.kill()
                 p.join()
         codes = [p.exitcode for p in self.procs]
