@@ -41,6 +41,7 @@ class DrainingServer(uvicorn.Server):
         self.state, self.drain_timeout_s = state, drain_timeout_s
         self._drain_started = False
         self._exit_by = math.inf  # the signal's time plus the drain timeout plus EXIT_GRACE_S
+        self._left_in_flight = 0
         self._signalled = threading.Event()
         threading.Thread(target=self._drain, name="puppet-drain", daemon=True).start()
 
@@ -68,6 +69,7 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.drain_timeout_s
         while self.state.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._left_in_flight = self.state.in_flight  # requests the drain timeout cut short
         # a connection already on its way is accepted and answered 503 rather than reset
         time.sleep(min(DRAIN_LINGER_S, max(0.0, deadline - time.monotonic())))
         # set directly rather than through handle_exit, which would re-raise the signal at exit
@@ -78,19 +80,19 @@ class DrainingServer(uvicorn.Server):
 
     def _cut_short(self) -> None:
         """The watchdog: the shutdown has outlived the drain timeout plus EXIT_GRACE_S. Log where every thread is,
-        then end the process: 0 if no request was left in flight (the drain is done, only the teardown hung)."""
+        then end the process: 0 if the drain finished every request (only the teardown hung), else 1."""
         stacks = "\n".join(
             f"thread {ident}:\n{''.join(traceback.format_stack(frame))}"
             for ident, frame in sys._current_frames().items()
         )
-        in_flight = self.state.in_flight
+        left = max(self._left_in_flight, self.state.in_flight)
         log.error(
-            "still running %.1f s after the drain timeout with %d requests in flight; exiting. Threads:\n%s",
+            "still running %.1f s after the drain timeout with %d requests in flight at its end; exiting. Threads:\n%s",
             EXIT_GRACE_S,
-            in_flight,
+            left,
             stacks,
         )
-        exit_drained(0 if in_flight == 0 else 1)
+        exit_drained(0 if left == 0 else 1)
 
     async def shutdown(self, sockets=None) -> None:
         """Stop accepting first, then give requests already read off accepted connections a moment to be

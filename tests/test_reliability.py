@@ -25,7 +25,7 @@ from model.checkpoint import read_metadata
 from model.data import encode_png
 from model.routers import ROUTERS
 from service.errors import DRAINING_MESSAGE
-from support.live_server import SHIPPED, LiveServer
+from support.live_server import SHIPPED, LiveServer, answer_or_cut, hung_teardown
 from support.load import capacity, open_loop, p50_latency
 
 IMAGES_PER_REQUEST = 8
@@ -334,10 +334,41 @@ def test_sigterm_under_load_loses_no_accepted_request(pngs):
     cut = [r for r in results if r.status == -1]
     assert not [r for r in cut if r.request_id in logged], f"accepted requests dropped: {shown(cut)}"
     assert rc == 0 and exited - t_signal < drain_s, f"exit {rc} after {exited - t_signal:.1f} s"
+    assert not hung_teardown(output)
     print(
         f"{len(answered)} answered ({list(answered.values()).count(200)} ok, {len(refused)} refused at the door, "
         f"{len(cut)} cut); exit {exited - t_signal:.2f} s after SIGTERM"
     )
+
+
+def test_a_shutdown_that_hangs_ends_at_the_drain_timeout_with_the_stacks_logged(tmp_path, pngs):
+    """The model call never returns: the drain cannot finish, and the lifespan's wait for the inference thread
+    would hang. The watchdog (service/server.py) ends the process at the drain timeout plus EXIT_GRACE_S, with
+    status 1 (a request was cut) and every thread's stack in the log, the stuck model call among them."""
+    drain_s = 2.0
+    s = LiveServer(
+        command=[sys.executable, "-m", "support.fault_server"],
+        env={**SERVER_ENV, "PUPPET_FAULT_DIR": str(tmp_path)},
+        drain_timeout_s=drain_s,
+        log_level="info",
+    )
+    try:
+        (tmp_path / "hang").touch()
+        with cf.ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(_post, s.url, pngs[0])
+            while not (tmp_path / "hang.taken").exists():  # the model call has begun, and will never end
+                time.sleep(0.01)
+            t_signal = time.monotonic()
+            s.terminate()
+            rc = s.proc.wait(timeout=drain_s + 10)
+            exited = time.monotonic() - t_signal
+            assert isinstance(answer_or_cut(stuck), str) or stuck.result().status_code >= 500
+    finally:
+        output = s.stop()
+    hung = hung_teardown(output)
+    assert rc == 1 and len(hung) == 1, (rc, output[-3000:])
+    assert "with 1 requests in flight at its end" in hung[0] and "in _hang" in hung[0]
+    assert exited < drain_s + 2, f"exit {exited:.2f} s after SIGTERM"
 
 
 # -- bad checkpoints ------------------------------------------------------------------------------------------

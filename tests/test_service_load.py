@@ -10,7 +10,7 @@ import pytest
 
 from model import load_dataset
 from model.data import encode_png
-from support.live_server import LiveServer, answer_or_cut
+from support.live_server import LiveServer, answer_or_cut, hung_teardown
 from support.load import capacity, open_loop
 
 
@@ -152,3 +152,4 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(pngs):
     assert len(ok) >= accepted and all(len(r.json()["results"]) == 64 for r in ok), "every accepted request finishes"
     assert all(r.json()["error"]["code"] == "draining" for r in answers if r.status_code != 200)
     assert rc == 0 and time.monotonic() - t_signal < 20
+    assert not hung_teardown(s.output())

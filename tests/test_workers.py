@@ -14,7 +14,7 @@ import pytest
 
 from model import load_dataset
 from model.data import encode_png
-from support.live_server import LiveServer, answer_or_cut
+from support.live_server import LiveServer, answer_or_cut, hung_teardown
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,7 @@ def test_a_worker_process_that_dies_is_replaced(pngs):
         output = s.stop()
     assert f"worker process {victim} exited with -9" in output
     assert s.proc.returncode == 0, [line for line in output.splitlines() if "supervisor" in line]
+    assert not hung_teardown(output)
 
 
 def test_sigterm_drains_every_worker(pngs):
@@ -198,6 +199,7 @@ def test_sigterm_drains_every_worker(pngs):
     assert all(r.json()["error"]["code"] == "draining" for r in answers if r.status_code != 200)
     assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
     assert rc == 0 and time.monotonic() - t0 < 20
+    assert not hung_teardown(s.output())
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path):

@@ -2,7 +2,8 @@
 
 A test arms a fault by creating a file in $PUPPET_FAULT_DIR; the next model call consumes it (one batch):
 - `fail`: the call raises RuntimeError, an ordinary bug in one batch;
-- `die`: the call raises an exception the worker thread cannot survive (BaseException), so the thread ends.
+- `die`: the call raises an exception the worker thread cannot survive (BaseException), so the thread ends;
+- `hang`: the call never returns (the worker thread is stuck for good).
 The number of images in the batch that took the fault is written to `<name>.taken`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 from service.backends import OnnxBackend, TorchBackend
@@ -22,7 +24,16 @@ class WorkerKilled(BaseException):
     """Stands for what no per-batch handler catches (it is not an Exception)."""
 
 
-FAULTS = {"fail": lambda: RuntimeError("injected fault in the model"), "die": lambda: WorkerKilled("injected")}
+def _hang() -> BaseException:
+    threading.Event().wait()  # for ever
+    raise AssertionError("unreachable")
+
+
+FAULTS = {
+    "fail": lambda: RuntimeError("injected fault in the model"),
+    "die": lambda: WorkerKilled("injected"),
+    "hang": _hang,
+}
 
 
 def _armed(cls: type) -> None:

@@ -10,7 +10,7 @@ from benchmarks.server_process import ServerProcess, free_port, metric_samples
 from conftest import REPO
 
 SHIPPED = os.path.join(REPO, "checkpoints", "puppet-cnn-fmnist.safetensors")
-__all__ = ["SHIPPED", "LiveServer", "answer_or_cut", "free_port"]
+__all__ = ["SHIPPED", "LiveServer", "answer_or_cut", "free_port", "hung_teardown"]
 
 
 class LiveServer(ServerProcess):
@@ -58,3 +58,9 @@ def answer_or_cut(future):
         return future.result()
     except httpx.TransportError as e:
         return type(e).__name__
+
+
+def hung_teardown(output: str) -> list[str]:
+    """The log lines that say a serving process outlived its drain: its watchdog ending it (service/server.py), or
+    the supervisor killing it (service/supervisor.py). Each carries the threads' stacks."""
+    return [line for line in output.splitlines() if "after the drain timeout with" in line or "has not stopped" in line]
