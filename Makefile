@@ -3,23 +3,44 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+VENV_OK := $(VENV)/.made
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := dataset-fashion-mnist wrk prometheus iproute2
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
 
-.PHONY: setup system-deps bench-system-deps test test-slow lint serve bench bench-env bench-peers train train-twin train-kd train-finetune ablations evaluate clean
+.PHONY: setup serve-setup venv-deps system-deps bench-system-deps test test-slow lint serve bench bench-env bench-peers train train-twin train-kd train-finetune ablations evaluate clean
 
+# Everything the tests, benchmarks and training need; `make serve` needs only serve-setup.
 setup: $(STAMP) system-deps
+serve-setup: $(RUNTIME_STAMP)
 
-# Python packages: torch pinned to the CPU wheel first, then the project with its dev extra.
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# What `python3 -m venv` needs on a stock Debian (its venv module and ensurepip come in python3-venv): installed when
+# root, otherwise one line saying what to install.
+venv-deps:
+	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then 	    echo "installing Debian packages: python3-venv"; 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv; 	  else 	    echo "$(PYTHON) cannot make a virtual environment -- run: sudo apt-get install python3-venv"; exit 1; 	  fi; 	fi
+
+# The virtual environment, marked made only once it has pip: a failed attempt is removed and made again.
+$(VENV_OK):
+	@$(MAKE) --no-print-directory venv-deps
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null
+	touch $@
+
+# Serving: torch pinned to the CPU wheel first, then the project alone (what the image installs).
+$(RUNTIME_STAMP): pyproject.toml | $(VENV_OK)
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# Tests, benchmarks and training: the project with its dev extra.
+$(STAMP): pyproject.toml $(RUNTIME_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Debian packages the tests need: installed when root, otherwise named so a person can install them.
+# Debian packages the tests need (not serving): installed when root, otherwise one line naming them.
 system-deps:
 	@missing=$$(for p in $(DEB_PACKAGES) $(EXTRA_DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -34,7 +55,7 @@ system-deps:
 # glibc keeps activation buffers mapped between batches; one torch thread (the other core runs HTTP)
 SERVE_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_TOP_PAD_=67108864
 
-serve: setup
+serve: serve-setup
 	$(SERVE_ENV) $(VENV)/bin/puppet-cnn serve
 
 bench: setup
