@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 VENV_OK := $(VENV)/.made
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := dataset-fashion-mnist wrk prometheus iproute2
+DEB_PACKAGES := dataset-fashion-mnist wrk prometheus iproute2 chromium chromium-driver
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
 

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from model import CheckpointError
 from model.onnx_export import OnnxExportError
+from service.api_docs import install_api_docs
 from service.errors import install_error_handlers
 from service.middleware import MetricsMiddleware
 from service.oip import router as oip_router
@@ -49,9 +50,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Adaptive-depth image classification: a neural ODE generates the CNN's kernels, input complexity picks its depth.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by install_api_docs, with local assets
     )
     app.state.service = state
     install_error_handlers(app)
+    install_api_docs(app)
     app.include_router(router)
     app.include_router(oip_router)
     app.add_middleware(MetricsMiddleware, state=state)

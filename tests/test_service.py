@@ -6,6 +6,8 @@ image has one depth; tests/test_routing.py covers the learned and cascade router
 import base64
 import concurrent.futures as cf
 import io
+import os
+import re
 
 import httpx
 import pytest
@@ -254,9 +256,22 @@ def test_model_description(server, offline, router):
 def test_health_and_docs(server):
     assert httpx.get(server.url + "/health/live").status_code == 200
     assert httpx.get(server.url + "/health/ready").status_code == 200
-    assert httpx.get(server.url + "/docs").status_code == 200
+    page = httpx.get(server.url + "/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
     spec = httpx.get(server.url + "/openapi.json").json()
     assert "/classify" in spec["paths"] and "/v2/models/{name}/infer" in spec["paths"]
+
+
+def test_the_api_page_needs_no_internet(server):
+    """/docs loads Swagger UI from the service itself (service/api_docs.py), byte for byte the package's files."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    page = httpx.get(server.url + "/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets and all(a.startswith("/docs/assets/") for a in assets), assets
+    for name in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        r = httpx.get(f"{server.url}/docs/assets/{name}")
+        assert r.status_code == 200 and r.content == open(os.path.join(swagger_ui_path, name), "rb").read()
 
 
 def test_oip_v2_matches_classify(server, test_images, offline):
