@@ -9,7 +9,7 @@ time a body takes is the client's, not the service's: the request's deadline sta
   (PUPPET_MIN_UPLOAD_RATE, PUPPET_UPLOAD_RATE_WINDOW_S): a drip of a byte a second is cut, a slow upload is not.
 
 `BodyPace` is the rule on one body's arrivals, with the clock passed in; `paced_receive` applies it to an ASGI
-`receive` (service/middleware.py).
+`receive` (service/middleware.py), on a clock that runs only while the service waits for the client's bytes.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class BodyPace:
         limits = self.limits
         if now - self.last >= limits.idle_s:
             return UploadTooSlow("request_timeout", f"no byte of the request body arrived for {limits.idle_s:g} s")
-        if limits.min_rate > 0 and now - self.start >= limits.idle_s:
+        # a body that has gone quiet for half the idle limit is left to it: it is told it stopped, not that it is slow
+        if limits.min_rate > 0 and now - self.start >= limits.idle_s and now - self.last < limits.idle_s / 2:
             rate, span = self.rate(now)
             if rate < limits.min_rate:
                 return UploadTooSlow(
@@ -81,13 +82,10 @@ class BodyPace:
         return None
 
     def next_check(self, now: float) -> float:
-        """When to look again if nothing arrives: the next bucket once the rate counts, or the end of the idle
-        pause when that comes within a bucket (a body that stopped is told so, not that it is slow)."""
+        """When to look again if nothing arrives: the next bucket once the rate counts, or the end of the pause."""
         idle_at = self.last + self.limits.idle_s
         if self.limits.min_rate > 0:
-            rate_at = max(self.start + self.limits.idle_s, now + self.bucket_s)
-            if rate_at < idle_at - self.bucket_s:
-                return rate_at
+            return min(idle_at, max(self.start + self.limits.idle_s, now + self.bucket_s))
         return idle_at
 
 
@@ -97,20 +95,28 @@ Receive = Callable[[], Awaitable[dict]]
 def paced_receive(receive: Receive, limits: PaceLimits, on_body: Callable[[], None]) -> Receive:
     """`receive`, held to `limits` until the body is complete (then `on_body()` is called once); raises
     UploadTooSlow. The underlying receive is never cancelled while the body may still go on, so no message is
-    lost to a timer."""
-    pace = BodyPace(limits, time.monotonic())
+    lost to a timer.
+
+    The pace runs on the time spent waiting for the client's bytes, not on the wall clock: while the service is
+    busy elsewhere (its event loop late, the route not yet reading), bytes pile up in the socket, and that time is
+    the service's, not the client's."""
+    pace = BodyPace(limits, 0.0)
+    waited = 0.0  # seconds this body has spent waiting for bytes: the pace's clock
     done = False
 
     async def receive_paced() -> dict:
-        nonlocal done
+        nonlocal done, waited
         if done:
             return await receive()
         pending = asyncio.ensure_future(receive())
         try:
-            while not pending.done():
-                now = time.monotonic()
-                await asyncio.wait((pending,), timeout=max(0.0, pace.next_check(now) - now))
-                if not pending.done() and (cut := pace.verdict(time.monotonic())) is not None:
+            while True:
+                t0 = time.monotonic()
+                await asyncio.wait((pending,), timeout=max(0.0, pace.next_check(waited) - waited))
+                waited += time.monotonic() - t0
+                if pending.done():
+                    break
+                if (cut := pace.verdict(waited)) is not None:
                     raise cut
         except BaseException:
             pending.cancel()
@@ -120,8 +126,8 @@ def paced_receive(receive: Receive, limits: PaceLimits, on_body: Callable[[], No
             done = True
             on_body()
             return message
-        pace.received(len(message.get("body", b"")), time.monotonic())
-        if (cut := pace.verdict(time.monotonic())) is not None:
+        pace.received(len(message.get("body", b"")), waited)
+        if (cut := pace.verdict(waited)) is not None:
             raise cut
         return message
 

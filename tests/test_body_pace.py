@@ -52,6 +52,13 @@ def test_a_pause_as_long_as_the_idle_limit_is_cut_whatever_the_rate_before():
     assert cut.code == "request_timeout" and cut.message == "no byte of the request body arrived for 10 s"
 
 
+def test_a_body_that_stopped_is_told_so_at_the_idle_limit_not_that_it_is_slow():
+    pace = BodyPace(PaceLimits(idle_s=1.0, min_rate=16384.0, window_s=10.0), now=0.0)
+    pace.received(100, 0.0003)  # then nothing: at 1 s the rate is 100 bytes/s, but the body has stopped
+    assert pace.verdict(1.0001) is None
+    assert pace.verdict(1.0004).code == "request_timeout"
+
+
 def test_the_rate_is_over_the_last_window_only():
     pace = BodyPace(LIMITS, now=0.0)
     pace.received(10_000_000, 0.5)  # a fast start buys nothing later
