@@ -59,7 +59,7 @@ serve: serve-setup
 	$(SERVE_ENV) $(VENV)/bin/puppet-cnn serve
 
 bench: setup
-	$(PY) -m benchmarks.service_bench --out docs/benchmarks-service.json
+	$(PY) -m benchmarks.service_bench --backends torch,onnx --out docs/benchmarks-service.json
 
 # Peer servers, each in its own environment (.venv-peers/<name>), never in the service's dependencies: torch (the
 # CPU wheel), the model code's few libraries (benchmarks/peers/requirements-common.txt), then the peer's own pins.
@@ -116,7 +116,7 @@ train: setup
 LABELS_RECIPE = --ranks 8,16,20 --no-inplace-distillation --epochs 16 --threads 1
 
 train-twin: setup
-	$(VENV)/bin/puppet-cnn train --kind twin --depth-sampling max --epochs 20 --threads 1 --out $(TWIN) --resume
+	$(VENV)/bin/puppet-cnn train --kind twin --depth-sampling max --epochs 16 --threads 1 --out $(TWIN) --resume
 
 # The shipped recipe on other schedules, for experiments (docs/training-experiments.md): KD_EPOCHS epochs (about
 # 3.5 min each on the 2-core CPU), written under runs/kd/. Its 20 epochs (2026-12-01, 70 min) scored 0.2-0.4 pt below
