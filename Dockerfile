@@ -23,9 +23,9 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 # Empty packages let pip resolve the project's dependencies without its source.
-# CPU: the CPU wheel of torch (no multi-GB CUDA build). GPU: PyPI's CUDA torch, onnxruntime-gpu instead of onnxruntime.
+# CPU: the CPU wheel of torch at pyproject.toml's pin (no multi-GB CUDA build). GPU: PyPI's CUDA torch, onnxruntime-gpu instead of onnxruntime.
 RUN mkdir -p model service && touch model/__init__.py service/__init__.py \
- && if [ "$VARIANT" = "cpu" ]; then pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi \
+ && if [ "$VARIANT" = "cpu" ]; then pip install "$(grep -oE 'torch==[0-9.]+' pyproject.toml)" --index-url https://download.pytorch.org/whl/cpu; fi \
  && pip install . \
  && pip uninstall -y puppet-cnn-serve \
  && if [ "$VARIANT" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18,<2"; fi

@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 DEB_PACKAGES := dataset-fashion-mnist wrk prometheus iproute2 chromium chromium-driver
 CHECKPOINT := checkpoints/puppet-cnn-fmnist.safetensors
 TWIN := checkpoints/static-twin-fmnist.safetensors
+# the torch pin, as pyproject.toml writes it: installed first, so pip takes the CPU wheel on disk
+TORCH := $(shell grep -oE 'torch==[0-9.]+' pyproject.toml | head -1)
 
-.PHONY: setup serve-setup venv-deps system-deps bench-system-deps test test-slow lint serve bench bench-env bench-peers train train-twin train-kd train-finetune ablations evaluate clean
+.PHONY: setup serve-setup venv-deps system-deps bench-system-deps test test-fast test-slow lint serve bench bench-env bench-peers train train-twin train-kd train-finetune ablations evaluate clean
 
 # Everything the tests, benchmarks and training need; `make serve` needs only serve-setup.
 setup: $(STAMP) system-deps
@@ -31,7 +33,7 @@ $(VENV_OK):
 
 # Serving: torch pinned to the CPU wheel first, then the project alone (what the image installs).
 $(RUNTIME_STAMP): pyproject.toml | $(VENV_OK)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet '$(TORCH)'
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
@@ -71,7 +73,7 @@ bench-env: bench-system-deps $(foreach p,$(PEERS),.venv-peers/$(p)/.installed)
 # Two pip calls after torch: a peer's own pins may override a common one (PyTriton 0.7.0 needs numpy < 2).
 .venv-peers/%/.installed: benchmarks/peers/requirements-%.txt benchmarks/peers/requirements-common.txt
 	test -x .venv-peers/$*/bin/python || $(or $(PEER_PYTHON_$*),$(PYTHON)) -m venv .venv-peers/$*
-	.venv-peers/$*/bin/python -m pip install --quiet torch==2.13.0
+	.venv-peers/$*/bin/python -m pip install --quiet '$(TORCH)'
 	.venv-peers/$*/bin/python -m pip install --quiet -r benchmarks/peers/requirements-common.txt
 	.venv-peers/$*/bin/python -m pip install --quiet -r benchmarks/peers/requirements-$*.txt
 	touch $@
@@ -88,6 +90,10 @@ bench-peers: setup bench-env system-deps
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# The tests that start no other process (pure functions, the batcher's logic, the shipped checkpoint): a minute or two.
+test-fast: setup
+	PUPPET_TEST_TIER=fast $(VENV)/bin/pytest -m 'not integration and not slow'
 
 # The long reliability runs (about 15 minutes); make test runs their short versions.
 test-slow: setup

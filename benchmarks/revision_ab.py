@@ -19,6 +19,7 @@ from pathlib import Path
 
 from benchmarks.server_process import SERVER_ENV, ServerProcess
 from benchmarks.service_bench import REPO, WRK_SCRIPT, run_wrk, write_images
+from model import SHIPPED_CHECKPOINT
 
 
 def _worktree(revision: str, folder: Path) -> Path:
@@ -31,7 +32,7 @@ def _serve(tree: Path) -> ServerProcess:
     env = {
         **SERVER_ENV,
         "PYTHONPATH": str(tree),
-        "PUPPET_CHECKPOINT": str(tree / "checkpoints" / "puppet-cnn-fmnist.safetensors"),
+        "PUPPET_CHECKPOINT": str(tree / SHIPPED_CHECKPOINT.relative_to(REPO)),
     }
     return ServerProcess({}, env=env, cwd=tree, command=[sys.executable, "-m", "service.cli", "serve"])
 

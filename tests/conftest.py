@@ -35,3 +35,34 @@ def _randomise_norms(model):
             m.bias.data = torch.randn(m.num_features, generator=g) * 0.1
             m.running_mean = torch.randn(m.num_features, generator=g) * 0.1
             m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+
+
+# -- tiers: `make test-fast` runs what needs no other process (-m "not integration and not slow") -----------------
+# Fixtures that start a server (or a namespace, a browser): a test that uses one is integration wherever it lives.
+PROCESS_FIXTURES = {"server", "expected", "faulty", "host", "offline_host", "browser", "server_and_prometheus"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In the fast tier (PUPPET_TEST_TIER=fast, set by `make test-fast`) a test that starts a Python process fails at
+    once, saying to mark it: a misfiled test cannot slow the fast tier down unnoticed."""
+    if os.environ.get("PUPPET_TEST_TIER") != "fast":
+        return
+    import subprocess
+    import sys
+
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, str | bytes) else list(args)
+        if any(sys.executable in str(a) or "python" in os.path.basename(str(a)) for a in argv[:4]):
+            pytest.fail(f"{request.node.nodeid} starts a Python process: mark it integration (tests/conftest.py)")
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

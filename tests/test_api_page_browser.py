@@ -21,6 +21,8 @@ from conftest import REPO
 from support.live_server import LiveServer
 from support.shaped_links import ShapedHost, Unavailable
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SAMPLE = os.path.join(REPO, "samples", "fashion-mnist", "test-00000-ankle-boot.png")
 OPERATION = "#operations-default-classify_classify_post"

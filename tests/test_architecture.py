@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -29,6 +30,7 @@ def test_model_sources_import_nothing_of_the_service():
                 assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
 
 
+@pytest.mark.integration
 def test_importing_every_model_module_loads_no_service_module():
     code = (
         "import sys, model, model.train, model.evaluate, model.data;"

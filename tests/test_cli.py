@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.integration  # each test runs the command in a process of its own
 
 
 def _run(*args):

@@ -21,11 +21,13 @@ import pytest
 import yaml
 
 from conftest import REPO
-from model import load_checkpoint, load_dataset
+from model import SHIPPED_CHECKPOINT, load_checkpoint, load_dataset
 from model.data import encode_png
 from support.live_server import SHIPPED, LiveServer, free_port
 from support.load import capacity, open_loop
 from support.routing import catalog, with_routers
+
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
 
 ROOT = Path(REPO)
 BIN = Path(sys.executable).parent
@@ -60,7 +62,9 @@ def test_dockerfile_shape():
     )
     assert "nvidia/cuda" in text and "onnxruntime-gpu" in text and "VARIANT" in text
     assert re.search(r"^USER \d+", text, re.M) and "HEALTHCHECK" in text and "/health/ready" in text
-    assert "checkpoints/puppet-cnn-fmnist.safetensors" in text
+    shipped = SHIPPED_CHECKPOINT.relative_to(ROOT).as_posix()  # model/checkpoint.py names it once
+    assert f"COPY {shipped} " in text and f"PUPPET_CHECKPOINT=/app/{shipped} " in text
+    assert re.search(rf"^CHECKPOINT := {re.escape(shipped)}$", (ROOT / "Makefile").read_text(), re.M)
     assert (ROOT / ".dockerignore").exists()
 
 

@@ -35,6 +35,7 @@ def checkpoints(tmp_path_factory):
     return tmp, paths
 
 
+@pytest.mark.integration
 def test_the_report_measures_what_it_serves_and_renders_every_section(checkpoints):
     tmp, paths = checkpoints
     r = evaluate(paths["ode"][0], twin=paths["plain"][0], ablation=paths, out=tmp / "docs", plots=False)

@@ -24,6 +24,8 @@ from service.app import create_app
 from service.settings import Settings
 from support.live_server import LiveServer
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 CHECKS = [
     "not_a_server_error",
     "status_code_conformance",

@@ -23,14 +23,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import REPO
-from model import Preprocessing
+from model import SHIPPED_CHECKPOINT, Preprocessing
 from model.checkpoint import read_metadata
 from service.imaging import ImageError, decode, decode_opened, open_image
 from service.settings import Settings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow, on mangled EXIF
 
-SHIPPED = os.path.join(REPO, "checkpoints", "puppet-cnn-fmnist.safetensors")
+SHIPPED = str(SHIPPED_CHECKPOINT)
 _meta = read_metadata(SHIPPED)["preprocessing"]
 SERVED = Preprocessing(_meta["image_size"], _meta["channels"], tuple(_meta["mean"]), tuple(_meta["std"]))
 RGB = Preprocessing(8, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

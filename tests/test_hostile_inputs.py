@@ -27,6 +27,8 @@ from model.data import encode_png
 from support.crafted_images import chunk, exif_flood_png, zero_png
 from support.live_server import LiveServer
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 READ_TIMEOUT_S = 1.0
 CLIENT_CLOSED = 499
 

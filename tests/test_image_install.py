@@ -29,6 +29,8 @@ import pytest
 from benchmarks.server_process import ServerProcess, free_port, wait_ready
 from conftest import REPO
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 ROOT = Path(REPO)
 DOCKERFILE = ROOT / "Dockerfile"
 SAMPLES = sorted((ROOT / "samples" / "fashion-mnist").glob("*.png"))
@@ -156,9 +158,9 @@ def install_like_the_image(tmp: Path) -> Path:
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
     python = venv / "bin" / "python"
-    # The CPU image runs `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`; here pip's
-    # configured find-links (/opt/wheels) hold the same CPU wheel, so plain `pip install torch==2.13.0` gets it.
-    _pip(python, "install", "torch==2.13.0")
+    # The CPU image installs pyproject.toml's torch pin from the CPU index; here pip's configured find-links hold the
+    # same CPU wheel, so the plain pin gets it.
+    _pip(python, "install", re.search(r"torch==[0-9.]+", (ROOT / "pyproject.toml").read_text())[0])
     # The wheel is built from a copy of what the Dockerfile copies, as in the image (and no build/ or *.egg-info
     # is left in the checkout: setuptools' build/lib would put modules deleted since into later wheels).
     src = tmp / "src"

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from service.logs import RateLimit
 
 SCRIPT = """
@@ -27,6 +29,7 @@ print("plain text on stdout is not the log", flush=True)
 """
 
 
+@pytest.mark.integration
 def test_warnings_and_repeats_become_few_json_lines():
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -39,6 +39,9 @@ from model import load_checkpoint, load_dataset
 from model.data import encode_png
 from support.live_server import SHIPPED, LiveServer
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
+
 N = 6  # real test images per request
 MAX_IMAGES = 8
 MAX_UPLOAD = 256 * 1024

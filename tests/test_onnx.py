@@ -109,6 +109,7 @@ def test_ensure_export_reuses_a_valid_export_and_replaces_a_stale_one(ckpt, tmp_
     assert json.loads((out / MANIFEST).read_text())["checkpoint_sha256"] == ckpt.sha256
 
 
+@pytest.mark.integration
 def test_service_answers_the_same_through_both_backends(tmp_path):
     data = load_dataset("fashion-mnist", "test").subset(slice(100, 132))
     pngs = [encode_png(img) for img in data.images]
@@ -135,6 +136,7 @@ def test_service_answers_the_same_through_both_backends(tmp_path):
         assert ra["predictions"][0]["probability"] == pytest.approx(rb["predictions"][0]["probability"], abs=1e-4)
 
 
+@pytest.mark.integration
 def test_service_refuses_a_stale_prebuilt_export(ckpt, export_dir, tmp_path):
     stale = _stale_copy(export_dir, tmp_path / "prebuilt")
     with pytest.raises(RuntimeError, match="stale"):

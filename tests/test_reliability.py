@@ -28,6 +28,8 @@ from service.errors import DRAINING_MESSAGE
 from support.live_server import SHIPPED, LiveServer, answer_or_cut, hung_teardown
 from support.load import capacity, open_loop, p50_latency
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 IMAGES_PER_REQUEST = 8
 
 

@@ -376,6 +376,7 @@ def test_model_description_reports_the_router(server, escalating):
     assert info["depth_table"]["depths"] == list(escalating.policy.depths)
 
 
+@pytest.mark.integration
 def test_router_and_budget_settings_choose_the_router_and_its_point(data, tmp_path):
     images, h, pngs = data
     model, policy = small_model(), policy_for(h)
@@ -401,6 +402,7 @@ def test_router_and_budget_settings_choose_the_router_and_its_point(data, tmp_pa
         s.stop()
 
 
+@pytest.mark.integration
 def test_a_checkpoint_without_routers_serves_its_depth_table(data, tmp_path):
     _, h, pngs = data
     policy = policy_for(h)
@@ -421,6 +423,7 @@ def test_a_checkpoint_without_routers_serves_its_depth_table(data, tmp_path):
         s.stop()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -18,6 +18,8 @@ from model import complexity, load_checkpoint, load_dataset
 from model.data import encode_png
 from support.live_server import SHIPPED, LiveServer
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 N_IMAGES = 24
 FIRST = {"pass": "first"}  # the depth metrics' label of an image's first (here its only) pass
 # The entropy router at a budget whose table mixes depths 1 and 2 on the shipped checkpoint (at the default budget,

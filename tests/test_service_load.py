@@ -13,6 +13,8 @@ from model.data import encode_png
 from support.live_server import LiveServer, answer_or_cut, hung_teardown
 from support.load import capacity, open_loop
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 
 @pytest.fixture(scope="module")
 def pngs():

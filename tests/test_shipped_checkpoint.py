@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import REPO
-from model import load_checkpoint, load_dataset
+from model import SHIPPED_CHECKPOINT, load_checkpoint, load_dataset
 from model.evaluate import REGRESSION_SLICE
 from model.routers import DifficultyNet
 from model.routing_report import routed_forward
@@ -23,7 +23,7 @@ def report():
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_checkpoint(os.path.join(CHECKPOINTS, "puppet-cnn-fmnist.safetensors"))
+    return load_checkpoint(SHIPPED_CHECKPOINT)
 
 
 def test_report_describes_the_shipped_checkpoint(report, shipped):

@@ -24,6 +24,8 @@ from support.crafted_images import phone_photo
 from support.live_server import LiveServer
 from support.shaped_links import ShapedHost, Unavailable
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 MB, KB = 1_000_000, 1_000
 RATES = {"fast": None, "1MB/s": 1 * MB, "250KB/s": 250 * KB, "200KB/s": 200 * KB, "200x50KB/s": 200 * 50 * KB}
 CROWD = 200  # concurrent slow uploads

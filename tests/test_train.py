@@ -77,6 +77,7 @@ def _torchrun_train(tmp_path, out, *extra):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.integration
 def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     """Two processes, distilling from a teacher whose logits rank 0 caches while rank 1 waits."""
     teacher = TrainConfig(
@@ -92,6 +93,7 @@ def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     assert ckpt.recipe["teacher"] == teacher.out and len(list((tmp_path / "cache").iterdir())) == 1
 
 
+@pytest.mark.integration
 def test_ddp_ranks_draw_their_own_augmentation_and_depths(tmp_path):
     """Without a teacher nothing else tells the ranks' streams apart: after identical initial weights (one seed
     on every rank) each rank must still draw its own shifts, flips and sandwich depths. Rank 0 draws exactly what

@@ -181,6 +181,8 @@ def server(request, sample_png):
 # MB) would otherwise hold this interpreter's lock and slow the probes' own bookkeeping, not the server's answers.
 PROBE = """
 import sys, threading, time, json, httpx
+
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
 url, stop, out = sys.argv[1], threading.Event(), {"live": [], "ready": [], "failures": []}
 def poll(which):
     with httpx.Client(timeout=5) as client:

@@ -16,6 +16,8 @@ from model import load_dataset
 from model.data import encode_png
 from support.live_server import LiveServer, answer_or_cut, hung_teardown
 
+pytestmark = pytest.mark.integration  # every test here starts a server or another process
+
 
 @pytest.fixture(scope="module")
 def pngs():

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from model import Checkpoint, load_checkpoint
+from model import SHIPPED_CHECKPOINT, Checkpoint, load_checkpoint
 from model.onnx_export import verified_export
 from service.backends import Backend, OnnxBackend, TorchBackend
 from service.imaging import decode
 
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "puppet-cnn-fmnist.safetensors"
 MAX_PIXELS = 16_000_000  # the service's default PUPPET_MAX_PIXELS
 TOP_K = 5  # the service's default PUPPET_DEFAULT_TOP_K
 MAX_BATCH_SIZE = 32  # the service's default PUPPET_MAX_BATCH_SIZE

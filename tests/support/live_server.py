@@ -8,8 +8,9 @@ import httpx
 
 from benchmarks.server_process import ServerProcess, free_port, metric_samples
 from conftest import REPO
+from model import SHIPPED_CHECKPOINT
 
-SHIPPED = os.path.join(REPO, "checkpoints", "puppet-cnn-fmnist.safetensors")
+SHIPPED = str(SHIPPED_CHECKPOINT)  # model/checkpoint.py: the one place that names it
 __all__ = ["SHIPPED", "LiveServer", "answer_or_cut", "free_port", "hung_teardown"]
 
 
