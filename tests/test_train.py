@@ -30,6 +30,7 @@ def _loss(model, ckpt_pre, images, labels):
         return [F.cross_entropy(model(x, d), labels).item() for d in range(1, 4)]
 
 
+@pytest.mark.integration
 def test_a_few_hundred_steps_lower_the_loss_at_every_depth(tmp_path):
     cfg = TrainConfig(
         **SMALL, epochs=1, batch_size=32, limit=10600, val_size=1000, lr=1e-2, out=str(tmp_path / "m.safetensors")
@@ -54,6 +55,7 @@ def test_a_few_hundred_steps_lower_the_loss_at_every_depth(tmp_path):
     assert loaded.metrics["validation"]["epoch"] == 1
 
 
+@pytest.mark.integration
 def test_resume_continues_from_the_saved_state(tmp_path):
     out = str(tmp_path / "m.safetensors")
     common = dict(**SMALL, batch_size=64, limit=1500, val_size=300, out=out, bf16=False)
@@ -111,6 +113,7 @@ def test_ddp_ranks_draw_their_own_augmentation_and_depths(tmp_path):
     assert torch.equal(rank0, alone), "rank 0 no longer draws what a single process draws"
 
 
+@pytest.mark.integration
 def test_a_resume_on_another_world_size_gives_each_rank_a_stream_of_its_own(tmp_path):
     """A state saved by one process holds one random state: resumed on two, rank 0 goes on with it and rank 1
     derives its own (the same one every time), rather than both drawing rank 0's."""
@@ -218,6 +221,7 @@ def test_autocast_follows_the_device_unless_set(tmp_path, monkeypatch, bf16, nat
     assert enabled == [used, used] and load_checkpoint(cfg.out).recipe["bf16"] is used
 
 
+@pytest.mark.integration
 def test_resume_keeps_the_precision_it_started_with(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
     train(_tiny(tmp_path, max_steps=None, batch_size=128), progress=False)
