@@ -9,7 +9,7 @@ bin from its integer square (a table: the nearest level, a tie to the even one),
 n·log2(n) over the pixel counts. So an image has one H on every machine, whatever the device or the BLAS (with
 floating-point convolutions, the gradient of a smooth region falls exactly between two bins, and the bin it got
 depended on the order of summation). It runs in numpy on the CPU: for a 28×28 image it is one small pass, where
-a chain of torch operators cost 0.9 ms per image (docs/benchmarks.md).
+a chain of torch operators cost more (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _magnitude_bins() -> np.ndarray:
     the full range, round(sqrt(m) / 255 / _MAX_SOBEL * 255) = round(sqrt(m / 32)), taken exactly in integers:
     bin L starts where 32 (L - 1/2)^2 = 8 (2L - 1)^2 <= m, so a bin is the number of thresholds at or below m. A
     tie (m on a threshold) goes to the even neighbour, as torch.round and numpy.rint do: an odd L's threshold
-    counts only strictly above it (+1, m being an integer). Built once (about 0.1 s), looked up per pixel."""
+    counts only strictly above it (+1, m being an integer). Built once per process (docs/benchmarks.md), looked
+    up per pixel."""
     bins = np.arange(1, BINS)
     thresholds = 8 * (2 * bins - 1) ** 2 + bins % 2
     return np.searchsorted(thresholds, np.arange(_MAX_SQUARED + 1), side="right").astype(np.uint8)

@@ -38,10 +38,9 @@ from model.train import predict_all_depths, split_train_val
 DEFAULT_BUDGET = 0.6  # of max depth's MACs: the most the default router may cost
 DEFAULT_TOLERANCE = 0.001  # accuracy the default may give up against always max depth, on validation
 ENTROPY_BINS = 4  # ~1,500 validation images a bin: a per-bin accuracy difference has ~0.3 pt standard error
-# the learned router's hidden units: 544 stored numbers for 4 depths, chosen for size: a 38,789-number puppet leaves
-# 722 for the router within 10x fewer stored numbers than the twin's 395,111. Out of fold on the shipped puppet's
-# validation split (2026-12-02), 16 units (984) and 8 were within noise of each other: 16 ahead by 0.1-0.3 pt at
-# budgets up to 0.45, 8 ahead by 0.2-0.35 pt from 0.5
+# the learned router's hidden units (544 stored numbers for 4 depths), chosen for size: the router must fit in what
+# the shipped puppet leaves under the target of ten times fewer stored numbers than the twin; out of fold, 16 units
+# scored within noise of 8 (docs/training-experiments.md)
 HIDDEN = 8
 FOLDS = 5  # the learned router's validation curve is scored out of fold (`learned_curve`)
 PENALTIES = [i / 400 for i in range(0, 201)]  # 0 .. 0.5 accuracy for max depth's MACs
@@ -214,10 +213,9 @@ def joined_linearly(x: float, xs: list[float], ys: list[float]) -> float:
 def learned_curve(split: SplitOutputs, net: DifficultyNet, *, folds: int = FOLDS, seed: int = 0, **fit) -> list[dict]:
     """The served net's operating points: each penalty's MACs are what `net` (fitted on the whole split) costs on
     it, which needs no label; its accuracy is the out-of-fold front's at those MACs (`out_of_fold_front`). Scored
-    on the images it was fitted on, the net would flatter itself (on the shipped checkpoint of 2026-12-01 its
-    validation accuracy stood 0.53 pt above its test accuracy at budget 0.418, against 0.32 pt for the cascade);
-    and the fold nets, fitted on fewer images, route differently at the same penalty (up to 18 % fewer MACs), so
-    their own costs are not the served router's."""
+    on the images it was fitted on, the net would flatter itself (its validation accuracy stood further above
+    its test accuracy than the cascade's: docs/design.md); and the fold nets, fitted on fewer images, route
+    differently at the same penalty (docs/design.md), so their own costs are not the served router's."""
     cost = tuple(m / split.macs_by_depth[-1] for m in split.macs_by_depth)
     front = out_of_fold_front(split, folds=folds, seed=seed, **fit)
     points = []

@@ -2,7 +2,8 @@
 
 Objectives (`depth_sampling`):
   sandwich  loss at max depth plus loss at a random shallower depth per sample (per-sample exit),
-            about 0.6x the cost of `all` for D_max = 4; the shipped default.
+            3/5 of the block work of `all` for D_max = 4 (4 + 2 blocks on average, against 1 + 2 + 3 + 4);
+            the shipped default.
   all       the head after every depth, losses summed.
   max       max depth only (the static twin, a traditional CNN).
 
@@ -237,8 +238,8 @@ def native_bf16(device: torch.device) -> bool:
 
     CUDA: compute capability 8.0+ (Ampere on; ROCm always), not the slow emulation older GPUs offer. CPU: the
     AVX512-BF16 or AMX-BF16 instructions (`avx512_bf16`/`amx_bf16` in /proc/cpuinfo), with which a bf16 step
-    is about 2x faster than float32; without them bf16 is emulated, and autocast on an AVX2-only CPU measured
-    about 9x slower than float32 per step. False where /proc/cpuinfo cannot be read, and on other devices.
+    is faster than float32; without them bf16 is emulated, and autocast makes a step much slower than float32
+    (docs/model.md). False where /proc/cpuinfo cannot be read, and on other devices.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,11 +1,10 @@
 """Admission by time: a request is taken only when its estimated completion fits its deadline.
 
 A bound on queued images alone admits more work than the deadline allows on a slower CPU (or a busier one):
-on an AVX2-only machine, a request accepted into a queue of 256 images waited 1.5 s and was answered after
-2.02 s, past its 2 s deadline. So the worker measures what an image costs at each depth, and a request is
-accepted only if the images ahead of it, plus its own, can be done before its deadline, with time left for
-the answer's way back through the event loop (measured) and for the estimate's errors (a share of the
-deadline); otherwise it gets 429 with a Retry-After of when they would fit.
+an accepted request was answered past its deadline (docs/reliability.md). So the worker measures what an image
+costs at each depth, and a request is accepted only if the images ahead of it, plus its own, can be done before
+its deadline, with time left for the answer's way back through the event loop (measured) and for the
+estimate's errors (a share of the deadline); otherwise it gets 429 with a Retry-After of when they would fit.
 
 Costs are seconds of worker time per image, an exponential moving average per depth. An image whose depth
 the policy will choose (auto) is not routed until its batch runs, so it is priced at the moving average of
@@ -13,8 +12,8 @@ what the auto-routed images of recent batches cost. One model call runs images o
 (per-sample exit), so a batch's measured time is shared among its depths in proportion to their estimates:
 the warm-up's per-depth figures fix the ratios, the batches keep the level true under contention. Only
 batches at least half full teach it: an image costs several times more in a batch of one or two, and a
-queue deep enough to matter runs in full batches (priced from small batches after a quiet spell, 128
-queued images were estimated at 849 ms, and a burst that fitted was refused).
+queue deep enough to matter runs in full batches (priced from small batches after a quiet spell, the queue
+looked longer than it was, and a burst that fitted was refused: docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 AUTO_KEY = 0  # cost key of an image whose depth the policy picks; keys 1..D_max are fixed depths
 EMA_WEIGHT = 0.2  # weight of the newest batch
-MARGIN = 0.4  # of the deadline, not planned for: under load the work ahead took up to 1.6x its estimate
+MARGIN = 0.4  # of the deadline, not planned for: under load the work ahead overran its estimate (docs/reliability.md)
 WAY_BACK_HALF_LIFE_S = 2.0
 DEGRADE_AT = 0.5  # degrade an auto request once the work ahead of it fills this share of its time left
 
@@ -56,8 +55,8 @@ class CostModel:
 
     def observe_way_back(self, seconds: float) -> None:
         """From the event loop: how long a finished request waited to resume. Under overload the loop is busy
-        (measured: 40 ms typical, 350 ms at worst at 3x capacity), so a new peak counts at once and is
-        forgotten with time (half-life WAY_BACK_HALF_LIFE_S), also when no request completes."""
+        and the wait swings widely (docs/reliability.md), so a new peak counts at once and is forgotten with time
+        (half-life WAY_BACK_HALF_LIFE_S), also when no request completes."""
         now = time.monotonic()
         if seconds >= self._way_back_at(now):
             self._peak, self._peak_at = seconds, now

@@ -96,9 +96,9 @@ class TorchBackend:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, dict[int, float]]:
         """In one model call: mixed depths run with per-sample exit (each block only on the images that reach
-        it), which measured faster than one call per depth group (34 against 42 ms for 32 images of depths 1-4,
-        2-core CPU). The time is reported under the batch's deepest depth. uint8 images cross to the device
-        before they are normalised (a quarter of the bytes)."""
+        it), which measured faster than one call per depth group (docs/benchmarks.md). The time is reported
+        under the batch's deepest depth. uint8 images cross to the device before they are normalised (a quarter
+        of the bytes)."""
         t0 = time.perf_counter()
         x = model_input(self.ckpt.preprocessing, images.to(self.device, non_blocking=True))
         d = depths.to(self.device)

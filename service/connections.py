@@ -1,15 +1,15 @@
 """uvicorn's HTTP/1.1 connection (httptools) with a deadline on reading each request's head.
 
-uvicorn closes a keep-alive connection that stays idle, but not one that sends its request head slowly (200
-such connections stayed open 15 s), nor one that opens and sends nothing. Here the head must be complete
-within `read_timeout_s` of the connection opening, or of the request's first byte on a kept-alive
+uvicorn closes a keep-alive connection that stays idle, but not one that sends its request head slowly (slow
+heads held their connections open: docs/design.md), nor one that opens and sends nothing. Here the head must
+be complete within `read_timeout_s` of the connection opening, or of the request's first byte on a kept-alive
 connection. Otherwise: a connection that sent part of a head gets 408 and is closed (logged and counted
 like any answered request); one that sent nothing is closed silently (a load balancer's TCP check, a
 browser's spare connection: no request was made). The body has its own deadline in the middleware
 (service/app.py), which knows the route and answers in the route's error shape.
 
-A head is also limited in size (httptools has no limit: an 8 MB header line or 100,000 headers were read in
-full): past `MAX_HEAD_BYTES` the client gets 431 and the connection is closed.
+A head is also limited in size (httptools has no limit: a huge header line or a huge number of headers was read
+in full, docs/design.md): past `MAX_HEAD_BYTES` the client gets 431 and the connection is closed.
 
 Closing a connection while the client is still sending makes the kernel reset it, and a reset can destroy the
 answer before the client reads it. So every close with input still unread (a refused head; an answer with
@@ -27,7 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service import metrics
 from service.logs import access_line
 
-MAX_HEAD_BYTES = 64 * 1024  # request line and headers; ours and every OIP client send well under 2 KB
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; far above what ours and every OIP client send (docs/design.md)
 # in the ASGI scope: a function saying whether the whole request body has arrived (the middleware keeps a deadline
 # on reading the body only when it has not: most requests come whole with their head)
 BODY_RECEIVED = "puppet.body_received"

@@ -21,11 +21,10 @@ from service.errors import ApiError
 from service.imaging import ImageError, OpenedImage, decode_opened, discard, open_image, opens_cheaply
 from service.state import ServiceState
 
-# What a request may do on the event loop, in all (measured on the 2-core CPU): read the headers of its first
-# 16 KB of uploads (a PNG's compressed text chunks are inflated as its header is read: about 1.3 ms per KB of
-# upload at worst), and decode its first 256 K declared pixels of those: 0.1 ms for 28x28, 1.4-2.5 ms for a
-# 512x512 PNG, 6 ms for the worst (a 16-bit RGBA PNG of 4x65,535). A hand-off to a thread costs 0.03-0.1 ms,
-# more than decoding 28x28. Everything else is read and decoded in threads.
+# What a request may do on the event loop, in all: read the headers of its first 16 KB of uploads (a PNG's
+# compressed text chunks are inflated as its header is read, so the cost grows with the bytes), and decode its
+# first 256 K declared pixels of those: a hand-off to a thread costs more than decoding 28x28, and these bounds
+# cap what a request costs the loop (docs/design.md). Everything else is read and decoded in threads.
 INLINE_OPEN_BYTES = 16 * 1024
 INLINE_DECODE_PIXELS = 256 * 1024
 DECODE_NICE = 10  # decoding threads' CPU priority, below the event loop's and the inference thread's (0)

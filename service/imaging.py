@@ -36,17 +36,17 @@ warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 SUPPORTED_TYPES = {"image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif"}
 _FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "MPO"}
-# Pillow builds a table of row pointers for every bitmap, holding the interpreter lock: 4-6 ns a row, so a
-# 1x16,000,000 PNG stalled the event loop (and every thread) for 65-125 ms before decoding began. No real
-# image is taller or wider than JPEG's and GIF's maximum, and at this cap the table costs under a millisecond.
+# Pillow builds a table of row pointers for every bitmap, holding the interpreter lock, so a PNG one pixel wide
+# and millions of rows tall stalled the event loop (and every thread) before decoding began (docs/design.md). No
+# real image is taller or wider than JPEG's and GIF's maximum, and at this cap the table costs little.
 MAX_SIDE = 65_535
 # libjpeg makes a pass over the whole image for every scan of a progressive JPEG, and puts no bound on their
-# number: a 700 KB JPEG at the pixel limit with 20,000 copies of one scan took 199 s to decode (a 16 KB one of
-# 512x512, about 0.2 s: on the event loop). Encoders write 1 to about 12; beyond this, refused from the header.
+# number: a JPEG at the pixel limit repeating one scan thousands of times took minutes to decode, and a tiny one
+# stalled the event loop (docs/design.md). Encoders write 1 to about 12; beyond this, refused from the header.
 MAX_JPEG_SCANS = 32
 # Pillow decodes WebP (libwebp's animation decoder) holding the interpreter lock: a lossless WebP at 16 M pixels
-# stalled the event loop, and so health checks, for 55-67 ms under `make serve`'s environment on the 2-core
-# Xeon (about twice that on a CPU half as fast: past the 100 ms target). At 2048x2048 it is about a quarter.
+# stalled the event loop, and so health checks, too long to keep a slower CPU within their target (docs/design.md).
+# At 2048x2048 the stall is about a quarter of that.
 MAX_WEBP_PIXELS = 2048 * 2048
 JPEG_SCALE_GAP = 3  # libjpeg's reduced decode stops at 3x the input size; bilinear resampling does the rest
 RELEASE_MEMORY_PIXELS = 1 << 20  # decoding an image this large returns its memory to the operating system
@@ -88,8 +88,8 @@ class OpenedImage:
 def opens_cheaply(data: bytes) -> bool:
     """Whether reading this upload's header costs little whatever its declared size: false for WebP, whose
     reader (libwebp's animation decoder) allocates and clears two full-size RGBA canvases as the header is
-    read, holding the interpreter lock (16-50 ms at 16 M pixels where glibc serves them from its heap, as
-    under the Makefile's SERVE_ENV)."""
+    read, holding the interpreter lock (a stall of the event loop at 16 M pixels where glibc serves them from its
+    heap, as under the Makefile's SERVE_ENV: docs/design.md)."""
     return not (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
@@ -291,8 +291,9 @@ class _Glibc:
         self.lock = threading.Lock()
         if not self._set_in_environment("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"):
             # glibc's default mmap threshold grows with every large free, up to 32 MB: buffers of a few MB (a WebP
-            # canvas, a decoded body) then come from thread heaps and stay there after they are freed (RSS 30-60
-            # MB over warm after the worst uploads). Fixed, they are mapped and unmapped. SERVE_ENV sets its own.
+            # canvas, a decoded body) then come from thread heaps and stay there after they are freed (RSS stayed
+            # above warm after the worst uploads: docs/reliability.md). Fixed, they are mapped and unmapped.
+            # SERVE_ENV sets its own.
             self.mallopt(self.M_MMAP_THRESHOLD, self.FIXED_MMAP_THRESHOLD)
 
     @staticmethod
@@ -318,7 +319,7 @@ class _Glibc:
     def releasing(self):
         """Memory freed inside this block goes back to the operating system.
 
-        glibc gives each thread its own heap. With a trim threshold set (the Makefile's SERVE_ENV: 256 MB) it
+        glibc gives each thread its own heap. With a trim threshold set (as the Makefile's SERVE_ENV does) it
         never shrinks a thread's heap, and malloc_trim does not either, so every thread that ever held a large
         bitmap (the decoding threads, and the one that read a WebP header, whose reader allocates full-size
         canvases) would keep up to 64 MB. Here the threshold and pad are 0 while the block runs, so each large

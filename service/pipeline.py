@@ -70,9 +70,9 @@ async def infer(
 
 def admission_check(state: ServiceState, n: int, *, depth: int | None, max_depth: int | None) -> None:
     """Refuse, before decoding, a request that the worker would refuse. Under overload most requests are
-    refused, and decoding theirs took the event loop's time from the ones accepted (at 3x capacity: 333-450
-    accepted in 8 s against 606-819 with this check, and answers past the deadline; docs/reliability.md). So
-    under overload even an undecodable upload gets 429; its 400 comes when it is retried."""
+    refused, and decoding theirs took the event loop's time from the ones accepted (fewer accepted, and answers
+    past the deadline; docs/reliability.md). So under overload even an undecodable upload gets 429; its 400
+    comes when it is retried."""
     with refusals(state):
         state.batcher.check(n, depth=depth, max_depth=max_depth, started=deadline_origin())
 

@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     )
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto",
-        description="auto (onnx on the CPU, where it served 1.15-1.9x torch's requests; torch on a GPU), torch, or "
-        "onnx (onnxruntime, one graph per depth)",
+        description="auto (onnx on the CPU, where it served more requests than torch, docs/benchmarks.md; torch on a "
+        "GPU), torch, or onnx (onnxruntime, one graph per depth)",
     )
     onnx_dir: Path | None = Field(
         None, description="a pre-built export (puppet-cnn export-onnx); refused if stale or corrupt"
@@ -60,8 +60,8 @@ class Settings(BaseSettings):
         description=(
             "width x height of one image, read from its header before anything is decoded (413 over it). The "
             "model sees 28x28, so pixels beyond a photo's buy nothing: 16 M takes any 12 MP phone photo "
-            "(4032x3024 = 12.2 M) or 16 MP camera's, and bounds one decode to about 0.5 s and 260 MB on a 2-core "
-            "CPU in the worst shape and format (the former 40 M let an 80 KB 16-bit PNG take 3-4 s and 1 GB)"
+            "(4032x3024 = 12.2 M) or 16 MP camera's, and bounds one decode's time and memory in the worst shape "
+            "and format (docs/operations.md)"
         ),
     )
     max_request_pixels: int = Field(
@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         ge=1,
         description=(
             "the sum of width x height over one request's images, checked from all their headers before any is "
-            "decoded (413): two 12 MP photos, or 64 images of 600x600; one request's decoding (0.5 s at worst on "
-            "a 2-core CPU) stays well inside its deadline"
+            "decoded (413): two 12 MP photos, or 64 images of 600x600; one request's decoding stays well inside "
+            "its deadline (docs/operations.md)"
         ),
     )
     max_concurrent_decodes: int = Field(
@@ -79,8 +79,8 @@ class Settings(BaseSettings):
         le=64,
         description=(
             "per worker process, images too large to decode on the event loop are decoded in this many threads "
-            "(at a lower CPU priority); more wait their turn. Bounds decoding memory: about 260 MB each at the "
-            "pixel limit"
+            "(at a lower CPU priority); more wait their turn. Bounds decoding memory: this many decodes at "
+            "the pixel limit at once (docs/operations.md)"
         ),
     )
     max_images_per_request: int = Field(64, ge=1)

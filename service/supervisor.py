@@ -3,10 +3,11 @@ workers and keeps them. What runs in a serving process (uvicorn with a drain, se
 the caller, so nothing here imports it.
 
 Why processes: one process is bound by its interpreter lock, which the event loop (HTTP, decoding) and the
-inference thread share; two processes on two cores served 1.9-2.0x the requests of one (docs/benchmarks.md).
+inference thread share; two processes on two cores served far more requests than one (docs/benchmarks.md).
 Each worker is a whole service (event loop, batcher, model) with its own listening socket on the port
-(SO_REUSEPORT), which listens only once its model is loaded and warm; the kernel spreads connections between them. Prometheus metrics are aggregated across workers through
-`PROMETHEUS_MULTIPROC_DIR` (a fresh directory per start), so /metrics from any worker tells the whole story.
+(SO_REUSEPORT), which listens only once its model is loaded and warm; the kernel spreads connections between
+them. Prometheus metrics are aggregated across workers through `PROMETHEUS_MULTIPROC_DIR` (a fresh directory
+per start), so /metrics from any worker tells the whole story.
 
 The supervisor restarts a worker process that dies (after `worker_restart_backoff_s`); a worker that fails
 to start (bad checkpoint, stale export) stops everything with its exit status. SIGTERM/SIGINT go to every
@@ -54,7 +55,7 @@ def serve(settings: Settings, run_server: RunServer) -> int:
 
 def exit_drained(code: int) -> NoReturn:
     """End a serving process whose server has drained and whose lifespan has shut down, without the
-    interpreter's finalization: tearing down torch's and onnxruntime's modules took another 2-4 s after the
+    interpreter's finalization: tearing down torch's and onnxruntime's modules took seconds more after the
     last answer under load (docs/reliability.md), time a rolling update or the supervisor waits for and nothing
     needs. The logs are flushed first; nothing else is left to do."""
     logging.shutdown()
@@ -78,7 +79,7 @@ def worker_count(settings: Settings) -> int:
 def _bind(settings: Settings) -> socket.socket:
     """A socket on the service's address with SO_REUSEPORT: every worker has its own, and the kernel spreads
     new connections evenly between them (one shared socket let whichever worker woke first take a whole
-    burst of connections: at concurrency 32 runs swung between 900 and 1600 req/s).
+    burst of connections, and throughput swung widely between runs: docs/benchmarks.md).
 
     The kernel hands connections only to sockets that listen. A worker binds before it loads the model but
     listens only once it can serve (asyncio's create_server calls listen(), and uvicorn creates the server
@@ -115,7 +116,7 @@ class Supervisor:
 
     def _on_signal(self, sig, frame) -> None:
         """The first signal wakes the main loop, which starts every worker's drain at once (it used to notice
-        only at its next 0.1 s poll, so a request 50 ms after the signal could still get 200); a second
+        only at its next poll, so a request just after the signal could still get 200: docs/design.md); a second
         signal stops them now."""
         self.signals += 1
         self._wake.set()
