@@ -26,11 +26,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
 from service.logs import access_line
+from service.loop_lag import unread_s
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; far above what ours and every OIP client send (docs/design.md)
 # in the ASGI scope: a function saying whether the whole request body has arrived (the middleware keeps a deadline
 # on reading the body only when it has not: most requests come whole with their head)
 BODY_RECEIVED = "puppet.body_received"
+# in the ASGI scope: a function giving how long the connection's last bytes waited unread (service/loop_lag.py)
+UNREAD_S = "puppet.unread_s"
 LINGER_S = 2.0  # after refusing a head: what the client still sends is read and dropped, then the connection closes
 
 
@@ -82,6 +85,8 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
                 self
             )  # the request's view of the connection: closing mid-body lingers
             self.scope[BODY_RECEIVED] = lambda: not cycle.more_body  # read by the middleware's body deadline
+            sock = self.transport.get_extra_info("socket")
+            self.scope[UNREAD_S] = lambda: unread_s(sock) if sock is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

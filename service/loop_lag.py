@@ -1,21 +1,39 @@
-"""How long a request waits, unread, before the service sees it: the event loop's lag, sampled continuously.
+"""How long a request waited, unread, before the service saw it.
 
 A request's bytes wait in the kernel (the accept queue, the socket's buffer) until the event loop gets round to
-them, and no timestamp on the request says for how long. A timer that is due every `interval_s` fires late by
-about as long as the loop was busy, which is also how long data that arrived meanwhile waited. Admission adds that
-wait to the time a request has already spent (service/request_context.py), so its deadline is closer to the
-client's clock than to the moment the service began handling it.
+them. Admission adds that wait to the time a request has already spent (service/request_context.py), so its
+deadline is closer to the client's clock than to the moment the service began handling it. Two measures:
 
-The estimate is the latest peak, forgotten with a half-life: a request is priced at the worst recent wait.
+- `unread_s(sock)`: the kernel's own, per connection: how long ago its last bytes arrived (TCP_INFO's
+  `tcpi_last_data_recv`), read when the request is taken. Exact to the kernel's tick, for HTTP over TCP.
+- `LoopLag`: where no socket can say (gRPC, whose library reads the sockets), the event loop's lag: a timer due
+  every `interval_s` fires late by about as long as the loop was busy, which is also how long data that arrived
+  meanwhile waited. The estimate is the latest peak, forgotten with a half-life.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 
 INTERVAL_S = 0.01
 HALF_LIFE_S = 1.0
+_TCP_INFO_BYTES = 104  # struct tcp_info up to its fixed-size fields
+_LAST_DATA_RECV_AT = 52  # byte offset of tcpi_last_data_recv (u32, milliseconds) in struct tcp_info
+
+
+def unread_s(sock: socket.socket) -> float | None:
+    """How long ago the connection's last bytes arrived, by the kernel: for a request read now, how long they waited
+    unread. None where the socket cannot say (not TCP, not Linux, closed)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError):
+        return None
+    if len(raw) < _LAST_DATA_RECV_AT + 4:
+        return None
+    return struct.unpack_from("=I", raw, _LAST_DATA_RECV_AT)[0] / 1000
 
 
 class LoopLag:

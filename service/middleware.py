@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.body_pace import PaceLimits, UploadTooSlow, paced_receive
-from service.connections import BODY_RECEIVED
+from service.connections import BODY_RECEIVED, UNREAD_S
 from service.errors import DRAINING_MESSAGE, error_response
 from service.logs import REQUEST_FIELDS, access_line
 from service.request_context import CLIENT_CLOSED, REQUEST_CLOCK, RequestClock, new_request_id, sane_request_id
@@ -63,7 +63,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         exchange = _Exchange(scope, send)
-        clock = RequestClock(exchange.start - self.state.loop_lag.current())
+        clock = RequestClock(exchange.start - self._unread_s(scope))
         clock_token = REQUEST_CLOCK.set(clock)
         fields_token = REQUEST_FIELDS.set(exchange.fields)
         self.state.in_flight += 1
@@ -76,6 +76,13 @@ class MetricsMiddleware:
             REQUEST_FIELDS.reset(fields_token)
             REQUEST_CLOCK.reset(clock_token)
             _record(exchange)
+
+    def _unread_s(self, scope) -> float:
+        """How long the request's last bytes waited unread: the kernel's count for this connection where it has one,
+        else the event loop's recent lag (service/loop_lag.py)."""
+        unread = scope.get(UNREAD_S)
+        waited = unread() if unread is not None else None
+        return self.state.loop_lag.current() if waited is None else waited
 
     async def _handle(self, exchange: _Exchange, receive, clock: RequestClock) -> None:
         """The route, or the refusal that replaces it; the errors that escape the route, answered."""
@@ -98,7 +105,7 @@ class MetricsMiddleware:
                 else:  # the deadline starts once the body is in, less the time it waited unread
 
                     def body_in() -> None:
-                        clock.body_received(time.perf_counter(), self.state.loop_lag.current())
+                        clock.body_received(time.perf_counter(), self._unread_s(scope))
 
                     await self.app(scope, paced_receive(receive, self.pace, body_in), exchange.send)
         except UploadTooSlow as e:

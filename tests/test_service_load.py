@@ -55,6 +55,33 @@ def test_queue_full_is_429_with_retry_after(pngs):
         s.stop()
 
 
+def test_the_time_a_request_waited_unread_counts_toward_its_deadline(pngs):
+    """The server is stopped (SIGSTOP) while a request reaches it, for longer than the deadline: by the time it
+    reads the request, its own clock has just started, but the kernel says how long the bytes waited
+    (service/loop_lag.py), and that is past the deadline, so it is refused, never answered 200 late. The same
+    request sent to the running server is answered 200."""
+    s = LiveServer(request_deadline_ms=1000)
+    try:
+        with httpx.Client(timeout=30) as client:
+            post = lambda: client.post(  # noqa: E731
+                s.url + "/classify", content=pngs[0], headers={"Content-Type": "image/png"}
+            )
+            assert post().status_code == 200  # the connection is open and kept alive
+            s.proc.send_signal(signal.SIGSTOP)
+            try:
+                with cf.ThreadPoolExecutor(1) as pool:
+                    waiting = pool.submit(post)
+                    time.sleep(1.5)  # the request's bytes sit in the stopped server's socket
+                    s.proc.send_signal(signal.SIGCONT)
+                    late = waiting.result()
+            finally:
+                s.proc.send_signal(signal.SIGCONT)
+            assert late.status_code in (429, 504), late.text
+            assert post().status_code == 200
+    finally:
+        s.stop()
+
+
 def test_past_the_deadline_is_504_and_not_run(pngs):
     """A 2 ms deadline. Requests of 32 images at depth 4 cannot finish in it however idle the worker (32 images
     cost well over 1.2 ms on any CPU): 504 `deadline_exceeded`. A burst of one-image requests: whether one image
