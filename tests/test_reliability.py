@@ -66,6 +66,7 @@ def _overload(pngs, seconds: float, *, late_allowed: bool = True) -> None:
     try:
         before = p50_latency(s.url, pngs[0])
         cap = capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=4)
+        overflows = _listen_overflows()
         outcomes = open_loop(s.url, pngs, rate=3 * cap, seconds=seconds, images_per_request=IMAGES_PER_REQUEST)
         statuses = [o.status for o in outcomes]
         counts = {code: statuses.count(code) for code in set(statuses)}
@@ -75,7 +76,9 @@ def _overload(pngs, seconds: float, *, late_allowed: bool = True) -> None:
         summary = (
             f"capacity {cap:.1f} req/s x {IMAGES_PER_REQUEST} images, sent {len(outcomes)} at 3x: {counts} "
             f"{errors or ''}; slowest 200: {worst:.0f} ms in the server, {1000 * max(o.seconds for o in ok):.0f} ms "
-            f"at the client, whose own event loop woke up to {1000 * outcomes.client_lag_s:.0f} ms late"
+            f"at the client, whose own event loop woke up to {1000 * outcomes.client_lag_s:.0f} ms late; the kernel "
+            f"dropped {_listen_overflows() - overflows} connections meanwhile for a full accept queue (the client "
+            "retries those after 1, 3, 7, 15 s: time no server clock can see)"
         )
         assert set(counts) <= {200, 429, 504}, summary  # no other 5xx, no dropped connection
         assert counts.get(429, 0) > 0, f"3x capacity should be refused in part: {summary}"
@@ -111,6 +114,12 @@ def _overload(pngs, seconds: float, *, late_allowed: bool = True) -> None:
         assert s.metric("puppet_queue_length_images") == 0
     finally:
         s.stop()
+
+
+def _listen_overflows() -> int:
+    """The kernel's count of connections dropped for a full accept queue, all sockets (TcpExt ListenOverflows)."""
+    lines = [line.split() for line in open("/proc/net/netstat") if line.startswith("TcpExt:")]
+    return int(dict(zip(lines[0], lines[1], strict=True)).get("ListenOverflows", 0))
 
 
 def test_overload_at_three_times_capacity_sheds_load_and_recovers(pngs):
