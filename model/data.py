@@ -206,3 +206,10 @@ def encode_png(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def split_train_val(data: Dataset, val_size: int, seed: int) -> tuple[Dataset, Dataset]:
+    """A training and a validation set: `val_size` images drawn by `seed`, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(data), generator=g)
+    return data.subset(perm[val_size:]), data.subset(perm[:val_size])

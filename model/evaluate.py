@@ -15,11 +15,11 @@ import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.data import Dataset, load_dataset
+from model.predict import predict_all_depths
 from model.report_render import plot, render_markdown
 from model.router_fit import SplitOutputs, simulate
 from model.routers import DifficultyNet
 from model.routing_report import evaluate_routers, routed_forward, targets
-from model.train import predict_all_depths
 
 REGRESSION_SLICE = 2000  # the first N test images: the fast regression guard in tests/
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from model.checkpoint import Checkpoint
 from model.complexity import complexity
-from model.data import Dataset, load_dataset
+from model.data import Dataset, load_dataset, split_train_val
 from model.depth_policy import DepthPolicy
+from model.predict import predict_all_depths
 from model.routers import (
     CASCADE,
     ENTROPY,
@@ -33,7 +34,6 @@ from model.routers import (
     Router,
     RouterCatalog,
 )
-from model.train import predict_all_depths, split_train_val
 
 DEFAULT_BUDGET = 0.6  # of max depth's MACs: the most the default router may cost
 DEFAULT_TOLERANCE = 0.001  # accuracy the default may give up against always max depth, on validation

@@ -22,12 +22,10 @@ servable checkpoint (depth table calibrated on the validation split) and a resum
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import os
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,9 +39,10 @@ from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, Preprocessing, save_checkpoint
 from model.complexity import complexity
-from model.data import Dataset, load_dataset
+from model.data import Dataset, load_dataset, split_train_val
 from model.depth_policy import DepthPolicy, calibrate
-from model.device import resolve_device
+from model.device import describe_device, native_bf16, resolve_device
+from model.predict import predict_all_depths
 from model.puppet import Backbone, PuppetConfig, build_model
 
 VERSION_PREFIX = "puppet-cnn"
@@ -89,12 +88,6 @@ class TrainConfig:
 
 
 # -- data helpers -----------------------------------------------------------------------------------
-
-
-def split_train_val(data: Dataset, val_size: int, seed: int) -> tuple[Dataset, Dataset]:
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(data), generator=g)
-    return data.subset(perm[val_size:]), data.subset(perm[:val_size])
 
 
 def augment(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
@@ -200,56 +193,6 @@ class Objective(nn.Module):
 
 
 # -- evaluation helpers used while training ------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_all_depths(
-    model: Backbone, images: torch.Tensor, pre: Preprocessing, batch_size: int = 1000
-) -> torch.Tensor:
-    """Logits at every depth, (D, N, classes), with cached kernels, in eval mode."""
-    model.eval()
-    model.cache_kernels()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = pre.normalise(images[i : i + batch_size].to(device))
-        out.append(torch.stack([model(x, d) for d in range(1, model.config.max_depth + 1)]).cpu())
-    return torch.cat(out, dim=1)
-
-
-CPUINFO = "/proc/cpuinfo"
-NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-@functools.cache
-def _cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The CPU feature flags listed in `cpuinfo` (Linux's /proc/cpuinfo); empty where it cannot be read."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return frozenset()
-    return frozenset(
-        flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()
-    )
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively, so that bf16 autocast speeds training up rather than down.
-
-    CUDA: compute capability 8.0+ (Ampere on; ROCm always), not the slow emulation older GPUs offer. CPU: the
-    AVX512-BF16 or AMX-BF16 instructions (`avx512_bf16`/`amx_bf16` in /proc/cpuinfo), with which a bf16 step
-    is faster than float32; without them bf16 is emulated, and autocast makes a step much slower than float32
-    (docs/model.md). False where /proc/cpuinfo cannot be read, and on other devices.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False
-        with torch.cuda.device(device):
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return not NATIVE_BF16_CPU_FLAGS.isdisjoint(_cpu_flags(CPUINFO))
-    return False
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -582,25 +525,6 @@ def _save_state(run: _Run, epoch: int, step: int, elapsed: float, rng: list[torc
         tmp,
     )
     tmp.replace(run.state_path)
-
-
-def describe_device(device: torch.device, world: int) -> str:
-    """What trained a checkpoint, for its metrics: the device's kind and model, and how many processes."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        lines = _cpu_model_lines(CPUINFO)
-        name = f"{lines[0]} ({os.cpu_count()} cores)" if lines else platform.processor() or "unknown CPU"
-    return f"{device.type}: {name}, {world} training process(es)"
-
-
-@functools.cache
-def _cpu_model_lines(cpuinfo: str) -> list[str]:
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return []
-    return [line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")]
 
 
 def _end_of_epoch(

@@ -326,9 +326,8 @@ def test_spearman_against_known_values():
 
 def test_the_validation_split_is_rebuilt_from_the_recipe(ckpt):
     """Routers are calibrated on the split training held out: its seed is the split seed, else the seed."""
-    from model.data import load_dataset
+    from model.data import load_dataset, split_train_val
     from model.router_fit import validation_split
-    from model.train import split_train_val
 
     data = load_dataset("fashion-mnist", "train").subset(slice(0, 1000))
     _, seed0 = split_train_val(data, 200, 0)

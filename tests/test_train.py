@@ -15,10 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, _randomise_norms
+from model import device as device_module
 from model import load_checkpoint, resolve_device
 from model import train as train_module
+from model.data import split_train_val
+from model.device import describe_device, native_bf16
 from model.puppet import PuppetConfig, build_model
-from model.train import Objective, TrainConfig, augment, native_bf16, train, warmup_cosine
+from model.train import Objective, TrainConfig, augment, train, warmup_cosine
 
 SMALL = {"widths": (8, 16), "ranks": (4, 8), "max_depth": 3}
 
@@ -197,9 +200,13 @@ def test_native_bf16_on_this_cpu_matches_its_flags():
 def test_native_bf16_reads_the_cpuinfo_flags(tmp_path, monkeypatch, flags, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(train_module, "CPUINFO", str(cpuinfo))
+    cpuinfo.write_text(
+        f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    )
+    monkeypatch.setattr(device_module, "CPUINFO", str(cpuinfo))
     assert native_bf16(torch.device("cpu")) is native
-    monkeypatch.setattr(train_module, "CPUINFO", str(tmp_path / "missing"))
+    assert describe_device(torch.device("cpu"), 2).startswith("cpu: Test CPU (")  # the same one reading
+    monkeypatch.setattr(device_module, "CPUINFO", str(tmp_path / "missing"))
     assert native_bf16(torch.device("cpu")) is False  # unreadable: float32
 
 
@@ -305,7 +312,7 @@ def test_training_with_a_teacher_caches_its_logits_for_both_views(tmp_path, monk
     from model import load_dataset
 
     data = load_dataset("fashion-mnist", "train").subset(slice(0, 600))
-    train_set, _ = train_module.split_train_val(data, 100, 0)
+    train_set, _ = split_train_val(data, 100, 0)
     teacher = load_checkpoint(teacher_cfg.out)
     assert logits.shape == (2, 500, 10)
     with torch.no_grad():
