@@ -54,11 +54,12 @@ def _log_lines(output: str) -> list[dict]:
 
 
 # -- overload -------------------------------------------------------------------------------------------------
-def _overload(pngs, seconds: float, *, late_allowed: bool = True) -> None:
-    """3x the measured capacity: admission by time refuses what would miss the deadline (429 with Retry-After),
-    and what it accepts is answered within the deadline by the server's clock; a miss (a 504, for a request
-    whose wait was underestimated, or a 200 that reached the client late) is rare, and a 504 is counted.
-    Without `late_allowed`, no 200 may reach the client after the deadline (its clock, not the server's)."""
+def _overload(pngs, seconds: float, *, bounds: bool, late_allowed: bool = True) -> None:
+    """3x the measured capacity: admission by time refuses (429 with Retry-After, a 504 counted), every answer is
+    one of those or a 200 at full or degraded depth, and the queue empties after. With `bounds` (make test-slow,
+    they depend on the machine's speed): what it accepts is answered within the deadline by the server's clock; a
+    miss (a 504, or a 200 that reached the client late) is rare; the lone-request latency recovers. Without
+    `late_allowed`, no 200 may reach the client after the deadline (its clock, not the server's)."""
     # the default deadline (2 s) and degrade under load; the bound of 256 queued images raised, so that on a fast
     # machine too it is admission by time that refuses (on a slow one it binds first anyway)
     s = _server(max_queue=4096)
@@ -87,6 +88,16 @@ def _overload(pngs, seconds: float, *, late_allowed: bool = True) -> None:
         # a request waited unread in the socket (its event loop's lag, service/loop_lag.py) to the time it has
         # spent; the client's own loop lateness is not the server's to see.
         late = [o for o in ok if o.seconds > deadline_ms / 1000]
+        assert s.metric("puppet_rejections_total", reason="deadline") == counts.get(504, 0)
+        for o in outcomes:
+            if o.status == 429:
+                assert int(o.headers["retry-after"]) >= 1 and o.body["error"]["code"] == "queue_full"
+            elif o.status == 200:  # accepted: at full or degraded depth
+                assert {r["depth_reason"] for r in o.body["results"]} <= {*ROUTERS, "degraded"}
+        if not bounds:
+            assert _queue_empties(s), "images left queued after the load"
+            print(summary)
+            return
         if not late_allowed:
             assert not late, f"{len(late)} 200s reached the client after the deadline: {summary}"
         accepted = len(ok) + counts.get(504, 0)
@@ -94,13 +105,8 @@ def _overload(pngs, seconds: float, *, late_allowed: bool = True) -> None:
         assert missed <= 0.005 * accepted, (
             f"over 0.5% of accepted requests missed the deadline ({len(late)} late 200s): {summary}"
         )
-        assert s.metric("puppet_rejections_total", reason="deadline") == counts.get(504, 0)
-        for o in outcomes:
-            if o.status == 429:
-                assert int(o.headers["retry-after"]) >= 1 and o.body["error"]["code"] == "queue_full"
-            elif o.status == 200:  # accepted: within the deadline by the server's clock, at full or degraded depth
-                assert o.body["timings_ms"]["total"] <= deadline_ms, summary
-                assert {r["depth_reason"] for r in o.body["results"]} <= {*ROUTERS, "degraded"}
+        for o in ok:  # within the deadline by the server's clock
+            assert o.body["timings_ms"]["total"] <= deadline_ms, summary
         # and it recovers: the lone-request latency comes back within seconds
         t_end = time.monotonic()
         after = p50_latency(s.url, pngs[0])
@@ -116,25 +122,34 @@ def _overload(pngs, seconds: float, *, late_allowed: bool = True) -> None:
         s.stop()
 
 
+def _queue_empties(s: LiveServer) -> bool:
+    """Whether the queue empties once the load stops: every accepted image was run or refused, none left behind."""
+    for _ in range(100):
+        if s.metric("puppet_queue_length_images") == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _listen_overflows() -> int:
     """The kernel's count of connections dropped for a full accept queue, all sockets (TcpExt ListenOverflows)."""
     lines = [line.split() for line in open("/proc/net/netstat") if line.startswith("TcpExt:")]
     return int(dict(zip(lines[0], lines[1], strict=True)).get("ListenOverflows", 0))
 
 
-def test_overload_at_three_times_capacity_sheds_load_and_recovers(pngs):
-    _overload(pngs, seconds=8)
+def test_overload_at_three_times_capacity_sheds_load(pngs):
+    _overload(pngs, seconds=8, bounds=False)
 
 
 @pytest.mark.slow
 def test_overload_for_a_minute(pngs):
-    _overload(pngs, seconds=60)
+    _overload(pngs, seconds=60, bounds=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", range(20))
 def test_overload_every_200_within_the_deadline_by_the_clients_clock(pngs, run):
-    _overload(pngs, seconds=20, late_allowed=False)
+    _overload(pngs, seconds=20, bounds=True, late_allowed=False)
 
 
 def _settled_stats(s: LiveServer) -> dict[str, int]:
