@@ -1,6 +1,7 @@
 """What every HTTP request goes through before and after its route: its id, the in-flight count, 503 while
-draining, the pace a body must keep while it arrives (service/body_pace.py) and the origin of its deadline, refusal of transfer codings other than chunked, request metrics by
-route template and one access-log line. The gRPC service does the same for its calls (service/grpc_server.py)."""
+draining, the pace a body must keep while it arrives (service/body_pace.py) and the origin of its deadline,
+refusal of transfer codings other than chunked, request metrics by route template and one access-log line. The
+gRPC service does the same for its calls (service/grpc_server.py)."""
 
 from __future__ import annotations
 
