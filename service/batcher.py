@@ -252,9 +252,11 @@ class Batcher:
             raise DeadlineExceeded("the request could not finish before its deadline even on an idle worker")
         if decision.retry_after_s > 0:
             metrics.REJECTIONS.labels("queue_full").inc()
+            spent = time.perf_counter() - started  # since its last bytes arrived, the wait unread included
             raise QueueFull(
                 decision.retry_after_s,
-                f"the work queued ahead (about {1000 * ahead:.0f} ms) would not let this request finish before its deadline",
+                f"the work queued ahead (about {1000 * ahead:.0f} ms) and the time it has already waited here "
+                f"({1000 * spent:.0f} ms) would not let this request finish before its deadline",
             )
         return decision
 
