@@ -122,7 +122,10 @@ def paced_receive(receive: Receive, limits: PaceLimits, on_body: Callable[[], No
             pending.cancel()
             raise
         message = pending.result()
-        if message["type"] != "http.request" or not message.get("more_body", False):
+        if message["type"] != "http.request":  # the client went away: no body to time
+            done = True
+            return message
+        if not message.get("more_body", False):
             done = True
             on_body()
             return message

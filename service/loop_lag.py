@@ -29,7 +29,7 @@ def unread_s(sock: socket.socket) -> float | None:
     unread. None where the socket cannot say (not TCP, not Linux, closed)."""
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, ValueError):  # uvloop's view of a closed socket raises ValueError
         return None
     if len(raw) < _LAST_DATA_RECV_AT + 4:
         return None
