@@ -168,7 +168,10 @@ def _settled_stats(s: LiveServer) -> dict[str, int]:
 
 
 # -- soak -----------------------------------------------------------------------------------------------------
-def _soak(pngs, seconds: float, warmup_s: float) -> None:
+def _soak(pngs, seconds: float, warmup_s: float, *, every_200: bool) -> None:
+    """70% of the measured capacity: memory, descriptors and threads do not grow. With `every_200` (the long run,
+    make test-slow) every request is answered 200; the short run allows a few 429s, since a stall of the machine
+    leaves requests waiting unread long enough to be refused (the way in counts, service/loop_lag.py)."""
     s = _server()
     try:
         cap = capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=6)
@@ -181,7 +184,9 @@ def _soak(pngs, seconds: float, warmup_s: float) -> None:
             s.url, pngs, rate=rate, seconds=seconds, images_per_request=IMAGES_PER_REQUEST, keep_bodies=False
         )
         end = _settled_stats(s)
-        bad = [o for o in warm + outcomes if o.status != 200]
+        answered = warm + outcomes
+        bad = [o for o in answered if o.status != 200 and (every_200 or o.status != 429)]
+        refused = [o for o in answered if o.status == 429]
         growth = end["rss"] / start["rss"] - 1
         print(
             f"soak {seconds:.0f} s at {rate:.1f} req/s ({IMAGES_PER_REQUEST} images each, 70% of {cap:.1f}): "
@@ -189,6 +194,7 @@ def _soak(pngs, seconds: float, warmup_s: float) -> None:
             f"fds {start['fds']} -> {end['fds']}, threads {start['threads']} -> {end['threads']}"
         )
         assert not bad, f"{len(bad)} failed requests, first {bad[:3]}"
+        assert len(refused) <= 0.05 * len(answered), f"{len(refused)} of {len(answered)} refused at 70% of capacity"
         assert growth < 0.05
         assert end["fds"] <= start["fds"] and end["threads"] <= start["threads"]
     finally:
@@ -196,12 +202,12 @@ def _soak(pngs, seconds: float, warmup_s: float) -> None:
 
 
 def test_soak_short(pngs):
-    _soak(pngs, seconds=20, warmup_s=5)
+    _soak(pngs, seconds=20, warmup_s=5, every_200=False)
 
 
 @pytest.mark.slow
 def test_soak_ten_minutes(pngs):
-    _soak(pngs, seconds=600, warmup_s=30)
+    _soak(pngs, seconds=600, warmup_s=30, every_200=True)
 
 
 # -- faults ---------------------------------------------------------------------------------------------------
