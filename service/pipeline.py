@@ -11,20 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from service.batcher import (
-    BatchTimings,
-    DeadlineExceeded,
-    Draining,
-    ImageResult,
-    InferenceFailed,
-    QueueFull,
-    WorkerDown,
-)
+from service.batch_answers import ImageResult
+from service.batcher import BatchTimings
 from service.decoding import decode_all
 from service.errors import ApiError
 from service.logs import note
 from service.request_context import deadline_origin
 from service.state import ServiceState
+from service.work_queue import DeadlineExceeded, Draining, QueueFull, WorkerDown
+from service.worker import InferenceFailed
 
 
 @dataclass

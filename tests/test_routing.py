@@ -1,6 +1,6 @@
 """The service serves the checkpoint's depth routers (model/routers.py): entropy, learned and cascade.
 
-In the inference worker (service/batcher.py, torch and onnxruntime backends): first depths from the router, the
+A batch through the model (service/batch_answers.py, torch and onnxruntime backends): first depths from the router, the
 cascade's second pass for the images it escalates, capped by max_depth and the degrade depth, never for a requested
 depth; every answer checked against a direct model call. Through a real server: the answer's fields, the metrics,
 /v1/model, the OIP output, and PUPPET_ROUTER / PUPPET_ROUTER_BUDGET chosen or refused at start-up.
@@ -21,8 +21,11 @@ from model.data import encode_png
 from model.onnx_export import ensure_export
 from model.routers import CascadeRouter
 from service.backends import OnnxBackend, TorchBackend
-from service.batcher import Batcher, _Item
+from service.batch_answers import Request, Rules, first_pass
+from service.batch_metrics import record_batch
+from service.batcher import Batcher
 from service.settings import Settings
+from service.work_queue import Queued
 from support.live_server import LiveServer
 from support.routing import PREPROCESSING, catalog, direct, policy_for, save_routed_checkpoint, small_model
 
@@ -67,32 +70,21 @@ def backends(ckpt, tmp_path_factory):
     return {"torch": torch_backend, "onnx": OnnxBackend(ckpt, torch.device("cpu"), files)}
 
 
-def _batcher(ckpt, backend, router, degrade_depth=1):
-    return Batcher(
-        backend,
-        ckpt.policy,
-        ckpt.preprocessing,
-        router=router,
-        max_batch_size=64,
-        max_queue=64,
-        deadline_s=60,
-        degrade_depth=degrade_depth,
-    )
+def _setup(ckpt, backend, router, degrade_depth=1):
+    return backend, Rules(ckpt.policy, router, ckpt.preprocessing, degrade_depth)
 
 
-def _run(batcher, requests):
-    """One worker batch of these requests (images, depth, max_depth, degraded): each one's (results, timings)."""
-
-    async def go():
-        loop = asyncio.get_running_loop()
-        items = [
-            _Item(images, depth, cap, time.perf_counter() + 60, loop, loop.create_future(), 0, 0.0, degraded=degraded)
-            for images, depth, cap, degraded in requests
-        ]
-        batcher._process(items)
-        return [await item.future for item in items]
-
-    return asyncio.run(go())
+def _run(setup, requests):
+    """One batch of these requests (images, depth, max_depth, degraded) through both passes, as the worker runs it
+    (service/batcher.py), its metrics recorded: each request's (results, the batch's run)."""
+    backend, rules = setup
+    run = first_pass([Request(*r) for r in requests], backend, rules)
+    waits = run.waits_for_second_pass()
+    answers = run.answers([not w for w in waits])
+    run.second_pass()
+    answers |= run.answers(waits)
+    record_batch(run)
+    return [(answers[k], run) for k in range(len(requests))]
 
 
 def _sample(name, **labels):
@@ -115,8 +107,8 @@ def _counts():
 def test_a_threshold_above_one_escalates_every_routed_image(ckpt, backends, data, backend):
     images, _, _ = data
     before = _counts()
-    [(results, timings)] = _run(
-        _batcher(ckpt, backends[backend], CascadeRouter(1, 3, 1.01, 3)), [(images, None, None, False)]
+    [(results, run)] = _run(
+        _setup(ckpt, backends[backend], CascadeRouter(1, 3, 1.01, 3)), [(images, None, None, False)]
     )
     after = _counts()
     assert [(r.depth, r.first_depth, r.escalated, r.reason) for r in results] == [(3, 1, True, "cascade")] * N
@@ -124,27 +116,25 @@ def test_a_threshold_above_one_escalates_every_routed_image(ckpt, backends, data
     served = torch.stack([r.probabilities for r in results])
     torch.testing.assert_close(served, direct(ckpt, images, [3] * N), atol=1e-5, rtol=0)
     assert {k: after[k] - before[k] for k in after} == {"escalated": N, "first": N, "second": N}
-    assert timings.escalation_s > 0
+    assert run.second_s > 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_a_threshold_of_zero_escalates_nothing(ckpt, backends, data, backend):
     images, _, _ = data
     before = _counts()
-    [(results, timings)] = _run(
-        _batcher(ckpt, backends[backend], CascadeRouter(1, 3, 0.0, 3)), [(images, None, None, False)]
-    )
+    [(results, run)] = _run(_setup(ckpt, backends[backend], CascadeRouter(1, 3, 0.0, 3)), [(images, None, None, False)])
     after = _counts()
     assert [(r.depth, r.escalated, r.depths_run, r.reason) for r in results] == [(1, False, [1], "cascade")] * N
     served = torch.stack([r.probabilities for r in results])
     torch.testing.assert_close(served, direct(ckpt, images, [1] * N), atol=1e-5, rtol=0)
     assert {k: after[k] - before[k] for k in after} == {"escalated": 0, "first": N, "second": 0}
-    assert timings.escalation_s == 0
+    assert run.second_s == 0
 
 
 def test_max_depth_caps_the_second_pass_and_a_requested_depth_never_escalates(ckpt, backends, data):
     images, _, _ = data
-    batcher = _batcher(ckpt, backends["torch"], CascadeRouter(1, 3, 1.01, 3))
+    batcher = _setup(ckpt, backends["torch"], CascadeRouter(1, 3, 1.01, 3))
     answers = _run(
         batcher,
         [
@@ -187,15 +177,24 @@ class _Recording:
 def test_requests_with_nothing_to_run_again_are_answered_before_the_second_pass(ckpt, backends, data):
     images, _, _ = data
     backend = _Recording(backends["torch"])
-    batcher = _batcher(ckpt, backend, CascadeRouter(1, 3, 1.01, 3))
+    batcher = Batcher(
+        backend,
+        ckpt.policy,
+        ckpt.preprocessing,
+        router=CascadeRouter(1, 3, 1.01, 3),
+        max_batch_size=64,
+        max_queue=64,
+        deadline_s=60,
+    )
 
     async def go():
         loop = asyncio.get_running_loop()
         requests = [(images[:4], 2), (images[4:8], None), (images[8:12], 1)]  # requested, escalated, requested
         items = [
-            _Item(x, depth, None, time.perf_counter() + 60, loop, loop.create_future(), 0, 0.0) for x, depth in requests
+            Queued(x, depth, None, time.perf_counter() + 60, loop, loop.create_future(), 0, 0.0)
+            for x, depth in requests
         ]
-        batcher._process(items)
+        batcher.process(items)
         return items, [await item.future for item in items]
 
     items, answers = asyncio.run(go())
@@ -210,16 +209,16 @@ def test_degraded_requests_are_capped_in_both_passes(ckpt, backends, data):
     images, _, _ = data
     cascade = CascadeRouter(1, 3, 1.01, 3)
     [(deg2, _), (free, _)] = _run(
-        _batcher(ckpt, backends["torch"], cascade, degrade_depth=2),
+        _setup(ckpt, backends["torch"], cascade, degrade_depth=2),
         [(images[:4], None, None, True), (images[4:8], None, None, False)],
     )
     assert [(r.depths_run, r.reason) for r in deg2] == [([1, 2], "degraded")] * 4
     assert [(r.depths_run, r.reason) for r in free] == [([1, 3], "cascade")] * 4
-    [(deg1, _)] = _run(_batcher(ckpt, backends["torch"], cascade, degrade_depth=1), [(images[:4], None, None, True)])
+    [(deg1, _)] = _run(_setup(ckpt, backends["torch"], cascade, degrade_depth=1), [(images[:4], None, None, True)])
     assert [(r.depths_run, r.reason) for r in deg1] == [([1], "cascade")] * 4
     # a router's first depth above the degrade depth drops to it, as with the depth table
     entropy = ckpt.catalog.router("entropy")
-    [(deg, _)] = _run(_batcher(ckpt, backends["torch"], entropy, degrade_depth=1), [(images, None, None, True)])
+    [(deg, _)] = _run(_setup(ckpt, backends["torch"], entropy, degrade_depth=1), [(images, None, None, True)])
     first = entropy.first(images, complexity(images)).tolist()
     assert [(r.depth, r.reason) for r in deg] == [(1, "degraded" if d > 1 else "entropy") for d in first]
 
@@ -253,7 +252,7 @@ def test_each_router_answers_the_truth_alike_on_torch_and_onnx(ckpt, backends, d
     want, want_probs = _expected(ckpt, router, images, caps)
     answers = {}
     for backend in ("torch", "onnx"):
-        results = [r for rs, _ in _run(_batcher(ckpt, backends[backend], router), requests) for r in rs]
+        results = [r for rs, _ in _run(_setup(ckpt, backends[backend], router), requests) for r in rs]
         assert [(r.first_depth, r.depth, r.reason) for r in results] == want, backend
         torch.testing.assert_close(torch.stack([r.probabilities for r in results]), want_probs, atol=1e-5, rtol=0)
         answers[backend] = results
