@@ -56,12 +56,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PUPPET_PORT=8000 \
     PUPPET_GRPC_PORT=8001 \
     PUPPET_DEVICE=auto \
-    PUPPET_CHECKPOINT=/app/checkpoints/puppet-cnn-fmnist.safetensors \
-    OMP_NUM_THREADS=1 \
-    MKL_NUM_THREADS=1 \
-    MALLOC_MMAP_THRESHOLD_=268435456 \
-    MALLOC_TRIM_THRESHOLD_=268435456 \
-    MALLOC_TOP_PAD_=67108864
+    PUPPET_CHECKPOINT=/app/checkpoints/puppet-cnn-fmnist.safetensors
 USER 10001:10001
 # HTTP (REST, Open Inference Protocol, metrics); the Open Inference Protocol over gRPC
 EXPOSE 8000 8001

@@ -54,11 +54,9 @@ system-deps:
 	  fi; \
 	fi
 
-# glibc keeps activation buffers mapped between batches; one torch thread (the other core runs HTTP)
-SERVE_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_TOP_PAD_=67108864
-
+# The command sets its own process environment (service/process_env.py)
 serve: serve-setup
-	$(SERVE_ENV) $(VENV)/bin/puppet-cnn serve
+	$(VENV)/bin/puppet-cnn serve
 
 bench: setup
 	$(PY) -m benchmarks.service_bench --backends torch,onnx --out docs/benchmarks-service.json

@@ -19,15 +19,10 @@ from collections.abc import Callable
 
 import httpx
 
-# The production environment of the Dockerfile and `make serve`: one torch thread (the other core runs HTTP);
-# glibc keeps activation buffers mapped between batches instead of zeroing fresh pages for each.
-SERVER_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "MALLOC_MMAP_THRESHOLD_": "268435456",
-    "MALLOC_TRIM_THRESHOLD_": "268435456",
-    "MALLOC_TOP_PAD_": "67108864",
-}
+from service.process_env import SERVING_ENV
+
+# What `puppet-cnn serve` gives itself, passed on explicitly: to the peers, and to revisions older than it.
+SERVER_ENV = dict(SERVING_ENV)
 
 
 def free_ports(n: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model import cli as model_cli
+from service.process_env import ensure_serving_env
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +35,8 @@ def _run_serve(args: argparse.Namespace) -> int:  # returns only when the settin
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model import cli as model_cli  # here, not above: `serve` re-executes itself before torch is imported
+
     parser = argparse.ArgumentParser(prog="puppet-cnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     model_cli.add_commands(sub, ("train", "calibrate-routers", "evaluate"))  # the model's commands: model/cli.py
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (argv None), or these arguments in this process as it is (`serve` without re-executing)."""
+    if argv is None and sys.argv[1:2] == ["serve"]:
+        ensure_serving_env()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

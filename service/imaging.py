@@ -89,7 +89,7 @@ def opens_cheaply(data: bytes) -> bool:
     """Whether reading this upload's header costs little whatever its declared size: false for WebP, whose
     reader (libwebp's animation decoder) allocates and clears two full-size RGBA canvases as the header is
     read, holding the interpreter lock (a stall of the event loop at 16 M pixels where glibc serves them from its
-    heap, as under the Makefile's SERVE_ENV: docs/design.md)."""
+    heap, as in the serving environment, service/process_env.py: docs/design.md)."""
     return not (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
@@ -293,7 +293,7 @@ class _Glibc:
             # glibc's default mmap threshold grows with every large free, up to 32 MB: buffers of a few MB (a WebP
             # canvas, a decoded body) then come from thread heaps and stay there after they are freed (RSS stayed
             # above warm after the worst uploads: docs/reliability.md). Fixed, they are mapped and unmapped.
-            # SERVE_ENV sets its own.
+            # The serving environment (service/process_env.py) sets its own.
             self.mallopt(self.M_MMAP_THRESHOLD, self.FIXED_MMAP_THRESHOLD)
 
     @staticmethod
@@ -303,7 +303,7 @@ class _Glibc:
     @classmethod
     def _tuned(cls) -> tuple[int, int] | None:
         """The trim threshold and top pad this process was started with, when its environment set either
-        (MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or GLIBC_TUNABLES, as the Makefile's SERVE_ENV does)."""
+        (MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or GLIBC_TUNABLES, as the serving environment does)."""
         tunables = dict(item.split("=", 1) for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
         trim = os.environ.get("MALLOC_TRIM_THRESHOLD_") or tunables.get("glibc.malloc.trim_threshold")
         pad = os.environ.get("MALLOC_TOP_PAD_") or tunables.get("glibc.malloc.top_pad")
@@ -319,7 +319,7 @@ class _Glibc:
     def releasing(self):
         """Memory freed inside this block goes back to the operating system.
 
-        glibc gives each thread its own heap. With a trim threshold set (as the Makefile's SERVE_ENV does) it
+        glibc gives each thread its own heap. With a trim threshold set (as the serving environment does) it
         never shrinks a thread's heap, and malloc_trim does not either, so every thread that ever held a large
         bitmap (the decoding threads, and the one that read a WebP header, whose reader allocates full-size
         canvases) would keep up to 64 MB. Here the threshold and pad are 0 while the block runs, so each large

@@ -1,9 +1,9 @@
 """The pixel budget against a real server (issue 12): the worst uploads the limits allow may not stall the
 event loop or grow the worker's memory, and anything over the limits is refused from its headers.
 
-One server per environment: `puppet-cnn serve` as tests/support/live_server.py starts it (one worker), and the same
-with the environment the Makefile's `serve` target sets (SERVE_ENV, read from the Makefile: glibc keeps up to
-256 MB at the top of each heap there). While the worst allowed images are classified, alone and several at
+One server per environment: `puppet-cnn serve` as it serves (one worker), in the environment it gives itself
+(service/process_env.py: glibc keeps up to 256 MB at the top of each heap there), and the same with glibc's
+allocator defaults. While the worst allowed images are classified, alone and several at
 once, two threads poll /health/live and /health/ready on their own connections and a third samples the
 server's resident memory (/proc/<pid>/status):
 
@@ -28,7 +28,6 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import re
 import statistics
 import struct
 import subprocess
@@ -41,7 +40,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from model import load_dataset
 from model.data import encode_png
 from service.imaging import MAX_JPEG_SCANS, MAX_SIDE, MAX_WEBP_PIXELS
@@ -63,15 +61,10 @@ RSS_BOUND = 1_000_000_000
 RSS_RETURN = 1.10  # within 10% of the warm baseline
 
 
-def _serve_env() -> dict[str, str]:
-    """SERVE_ENV of the Makefile's `serve` target, as a dict."""
-    with open(os.path.join(REPO, "Makefile")) as f:
-        line = re.search(r"^SERVE_ENV\s*:=\s*(.+)$", f.read(), re.MULTILINE)
-    assert line, "the Makefile has no SERVE_ENV"
-    return dict(item.split("=", 1) for item in line.group(1).split())
-
-
-ENVIRONMENTS = {"default": {}, "make-serve": _serve_env()}
+# `puppet-cnn serve` as it serves (it gives itself service/process_env.py's environment), and the same command run
+# with glibc's allocator defaults: main(["serve"]) serves in the process as started, without re-executing.
+GLIBC_DEFAULTS = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main(['serve']))"]
+ENVIRONMENTS = {"glibc-defaults": GLIBC_DEFAULTS, "served": None}
 
 
 def _scans(jpeg: bytes) -> list[tuple[int, int]]:
@@ -164,7 +157,8 @@ def server(request, sample_png):
     # which on a slower or busier CPU the worst JPEG reaches alone (0.5 s on the 2-core Xeon when quiet; a run
     # with training on both cores got 429 for it). Admission by time has its own tests (test_reliability.py,
     # test_service_load.py).
-    s = LiveServer(env=ENVIRONMENTS[request.param], request_deadline_ms=60_000)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    s = LiveServer(command=ENVIRONMENTS[request.param], base_env=base, request_deadline_ms=60_000)
     s.env_name = request.param
     # warm: every format's plugin imported, the decoding threads started, a batch run
     for body, kind in [

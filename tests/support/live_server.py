@@ -20,6 +20,7 @@ class LiveServer(ServerProcess):
         *,
         command: list[str] | None = None,
         env: dict[str, str] | None = None,
+        base_env: dict[str, str] | None = None,
         address: str = "127.0.0.1",
         **settings,
     ):
@@ -27,12 +28,11 @@ class LiveServer(ServerProcess):
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [REPO, os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH")])
             ),
-            "OMP_NUM_THREADS": "1",
             "PUPPET_WORKERS": "1",  # exact batching and metric semantics; test_workers.py runs several
             "PUPPET_CHECKPOINT": os.environ.get("PUPPET_CHECKPOINT", SHIPPED),
             **(env or {}),
         }
-        super().__init__(settings, env=full_env, timeout=60, command=command, address=address)
+        super().__init__(settings, env=full_env, base_env=base_env, timeout=60, command=command, address=address)
 
     def process_stats(self) -> dict[str, int]:
         """Resident memory (bytes), open file descriptors and threads of the server process, from /proc."""
