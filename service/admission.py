@@ -26,6 +26,8 @@ AUTO_KEY = 0  # cost key of an image whose depth the policy picks; keys 1..D_max
 EMA_WEIGHT = 0.2  # weight of the newest batch
 MARGIN = 0.4  # of the deadline, not planned for: under load the work ahead overran its estimate (docs/reliability.md)
 WAY_BACK_HALF_LIFE_S = 2.0
+OVERRUN_HALF_LIFE_S = 2.0
+OVERRUN_MIN_S = 0.05  # an estimate shorter than this (a lone request on an idle worker) says nothing of the queue's
 DEGRADE_AT = 0.5  # degrade an auto request once the work ahead of it fills this share of its time left
 
 
@@ -52,6 +54,7 @@ class CostModel:
         self.by_depth = [0.0] * (max_depth + 1)  # index: depth (0: no pass, free; AUTO_KEY's price is .auto)
         self.auto = 0.0
         self._peak, self._peak_at = 0.0, 0.0  # the way back: from a batch's end until its requests resume
+        self._over, self._over_at = 1.0, 0.0  # the overrun: how much longer than estimated requests took
 
     def observe_way_back(self, seconds: float) -> None:
         """From the event loop: how long a finished request waited to resume. Under overload the loop is busy
@@ -67,6 +70,25 @@ class CostModel:
     @property
     def way_back(self) -> float:
         return self._way_back_at(time.monotonic())
+
+    def observe_overrun(self, estimate_s: float, actual_s: float) -> None:
+        """From the worker: how long a request took from its admission to its answer, against admission's estimate.
+        The per-image costs are averages; when the event loop and the worker contend for the interpreter, batches
+        run slower than those averages for a while and a full queue overran its deadline (docs/reliability.md). A
+        new peak ratio counts at once and is forgotten with time (half-life OVERRUN_HALF_LIFE_S)."""
+        if estimate_s < OVERRUN_MIN_S:
+            return
+        now = time.monotonic()
+        if (ratio := actual_s / estimate_s) >= self._overrun_at(now):
+            self._over, self._over_at = ratio, now
+
+    def _overrun_at(self, now: float) -> float:
+        return 1 + (self._over - 1) * 0.5 ** ((now - self._over_at) / OVERRUN_HALF_LIFE_S)
+
+    @property
+    def overrun(self) -> float:
+        """What admission multiplies its estimates by: the recent peak ratio of actual to estimated, at least 1."""
+        return max(1.0, self._overrun_at(time.monotonic()))
 
     def seed(self, depth: int, seconds_per_image: float) -> None:
         """A per-image cost measured at start-up (the warm-up), before any request."""
@@ -132,16 +154,21 @@ def decide(
         degrade_key: the degrade depth, when this request may be degraded (auto depth, degrade on).
     """
     budget = time_left_s - MARGIN * deadline_s - costs.way_back
+    over = costs.overrun  # the estimates are planned at what recent requests actually took
     ahead_s += max(0, batch_images - images) * costs.cost(AUTO_KEY)
     own = images * costs.cost(key)
-    if degrade_key is not None and costs.cost(degrade_key) < costs.cost(key) and ahead_s + own > DEGRADE_AT * budget:
+    if (
+        degrade_key is not None
+        and costs.cost(degrade_key) < costs.cost(key)
+        and (ahead_s + own) * over > DEGRADE_AT * budget
+    ):
         # under load an auto request runs at the degrade depth, if it fits there (else it is refused below,
         # with the time until it would fit at that depth)
         own = images * costs.cost(degrade_key)
-        if ahead_s + own <= budget:
+        if (ahead_s + own) * over <= budget:
             return Decision(degrade_key, ahead_s + own, degraded=True)
-    if ahead_s + own <= budget:
+    if (ahead_s + own) * over <= budget:
         return Decision(key, ahead_s + own)
     if own > (1 - MARGIN) * deadline_s:  # too big for its deadline on this machine, however idle
         return Decision(key, own, impossible=True)
-    return Decision(key, ahead_s + own, retry_after_s=ahead_s + own - budget)
+    return Decision(key, ahead_s + own, retry_after_s=(ahead_s + own) * over - budget)

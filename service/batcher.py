@@ -117,11 +117,30 @@ class Batcher:
         inference_s = time.perf_counter() - start
         waits = run.waits_for_second_pass()
         # requests with no image to run again are answered now: they do not wait for the batch's second pass
-        _answer(live, run.answers([not w for w in waits]), start, inference_s, 0.0)
+        self._answer(live, run.answers([not w for w in waits]), start, inference_s, 0.0)
         run.second_pass()
-        _answer(live, run.answers(waits), start, inference_s, run.second_s)
+        self._answer(live, run.answers(waits), start, inference_s, run.second_s)
         record_batch(run)
         self._learn_costs(run, time.perf_counter() - start)
+
+    def _answer(
+        self,
+        live: list[Queued],
+        answers: dict[int, list[ImageResult]],
+        start: float,
+        inference_s: float,
+        escalation_s: float,
+    ) -> None:
+        """Settle these requests of the batch (by index in `live`) with their results and timings."""
+        settled, now = [], time.perf_counter()
+        for k, results in answers.items():
+            item = live[k]
+            metrics.QUEUE_WAIT.observe(start - item.enqueued)
+            self.costs.observe_overrun(item.estimate_s, now - item.enqueued)
+            timings = BatchTimings(start - item.enqueued, inference_s, item.estimate_s, escalation_s)
+            settled.append((item, (results, timings), None))
+        if settled:
+            settle(settled)
 
     def _learn_costs(self, run: BatchRun, seconds: float) -> None:
         """Admission's per-image costs, from batches at least half full (small batches cost more an image: they
@@ -129,17 +148,3 @@ class Batcher:
         if 2 * len(run.images) >= self.queue.limits.max_batch_size:
             routed = [r == self.rules.router.name for r in run.routing.first_reasons]
             self.costs.observe(run.routing.first, routed, seconds, second=run.routing.second)
-
-
-def _answer(
-    live: list[Queued], answers: dict[int, list[ImageResult]], start: float, inference_s: float, escalation_s: float
-) -> None:
-    """Settle these requests of the batch (by index in `live`) with their results and timings."""
-    settled = []
-    for k, results in answers.items():
-        item = live[k]
-        metrics.QUEUE_WAIT.observe(start - item.enqueued)
-        timings = BatchTimings(start - item.enqueued, inference_s, item.estimate_s, escalation_s)
-        settled.append((item, (results, timings), None))
-    if settled:
-        settle(settled)

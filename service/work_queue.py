@@ -201,7 +201,8 @@ class WorkQueue:
 
     def drop_late(self, batch: list[Queued], start: float) -> list[Queued]:
         """What cannot be answered by its deadline is not run (504): the whole batch finishes together."""
-        finish = start + sum(len(item.images) * self.costs.cost(item.key) for item in batch) + self.costs.way_back
+        work = sum(len(item.images) * self.costs.cost(item.key) for item in batch) * self.costs.overrun
+        finish = start + work + self.costs.way_back
         live, late = [], []
         for item in batch:
             (late if finish > item.deadline else live).append(item)

@@ -3,7 +3,17 @@
 import pytest
 
 from service import admission
-from service.admission import AUTO_KEY, DEGRADE_AT, EMA_WEIGHT, MARGIN, WAY_BACK_HALF_LIFE_S, CostModel, decide
+from service.admission import (
+    AUTO_KEY,
+    DEGRADE_AT,
+    EMA_WEIGHT,
+    MARGIN,
+    OVERRUN_HALF_LIFE_S,
+    OVERRUN_MIN_S,
+    WAY_BACK_HALF_LIFE_S,
+    CostModel,
+    decide,
+)
 
 
 @pytest.fixture
@@ -54,6 +64,23 @@ def test_the_way_back_follows_a_peak_at_once_and_forgets_it_with_time(costs, mon
     assert costs.way_back == pytest.approx(0.15)
 
 
+def test_the_overrun_is_the_recent_peak_of_actual_over_estimated_and_never_below_one(costs, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
+    assert costs.overrun == 1.0
+    costs.observe_overrun(0.5, 0.4)  # faster than estimated: no discount
+    assert costs.overrun == 1.0
+    costs.observe_overrun(OVERRUN_MIN_S / 2, OVERRUN_MIN_S * 10)  # too short an estimate to say anything
+    assert costs.overrun == 1.0
+    costs.observe_overrun(0.8, 1.2)
+    assert costs.overrun == pytest.approx(1.5)
+    costs.observe_overrun(0.8, 1.0)  # smaller: the peak stands
+    now[0] += OVERRUN_HALF_LIFE_S  # and its excess over 1 halves in a half-life
+    assert costs.overrun == pytest.approx(1.25)
+    costs.observe_overrun(1.0, 1.3)
+    assert costs.overrun == pytest.approx(1.3)
+
+
 def _decide(costs, **kw):
     args = dict(images=8, key=4, ahead_s=0.0, batch_images=8, time_left_s=2.0, deadline_s=2.0, degrade_key=None)
     return decide(costs, **{**args, **kw})
@@ -89,6 +116,18 @@ def test_the_way_back_is_kept_free(costs, monkeypatch):
     budget = 2.0 - MARGIN * 2.0 - 0.3
     assert _decide(costs, ahead_s=budget - 8 * 0.004).retry_after_s == 0
     assert _decide(costs, ahead_s=budget - 8 * 0.004 + 0.01).retry_after_s == pytest.approx(0.01)
+
+
+def test_an_overrun_scales_the_estimate_admission_plans_with(costs, monkeypatch):
+    monkeypatch.setattr(admission.time, "monotonic", lambda: 100.0)
+    budget = 2.0 - MARGIN * 2.0
+    work = budget / 1.5  # fits as estimated, and exactly at 1.5 times the estimate
+    assert _decide(costs, ahead_s=work - 8 * 0.004).retry_after_s == 0
+    costs.observe_overrun(1.0, 1.5)
+    assert _decide(costs, ahead_s=work - 8 * 0.004).retry_after_s == pytest.approx(0, abs=1e-12)
+    refused = _decide(costs, ahead_s=work - 8 * 0.004 + 0.1)
+    assert refused.retry_after_s == pytest.approx(0.15)  # the excess, at the overrun
+    assert refused.estimate_s == pytest.approx(work + 0.1)  # the estimate itself stays unscaled: it is what is measured
 
 
 def test_a_request_too_big_for_its_deadline_is_impossible_one_late_by_load_is_retried(costs):
