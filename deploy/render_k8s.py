@@ -2,6 +2,7 @@
 
     deploy/prometheus/rules/*.yml      -> deploy/k8s/prometheusrule.yaml   (Prometheus Operator PrometheusRule)
     deploy/grafana/dashboards/*.json   -> deploy/k8s/grafana-dashboards.yaml (ConfigMap for Grafana's sidecar)
+    deploy/k8s/deployment.yaml         -> deploy/k8s/variants/deployment-api-keys.yaml (the same, with API keys)
 
 Run `python deploy/render_k8s.py` after changing a rule or a dashboard; tests/test_deploy.py fails while the
 rendered files are stale.
@@ -48,7 +49,35 @@ def dashboards_configmap() -> str:
     return HEADER.format(source="deploy/grafana/dashboards/") + yaml.safe_dump(doc, sort_keys=False, width=1000)
 
 
-RENDERED = {"prometheusrule.yaml": prometheus_rule, "grafana-dashboards.yaml": dashboards_configmap}
+API_KEYS_DIR = "/etc/puppet-cnn/api-keys"
+API_KEYS_NOTE = """\
+# The Deployment with API keys required on every inference route (docs/operations.md, Security), from the Secret
+# puppet-cnn-api-keys, whose `keys` entry is the keys file:
+#   kubectl create secret generic puppet-cnn-api-keys --from-file=keys=./api-keys
+# Apply it in place of deployment.yaml: kubectl apply -f deploy/k8s/variants/deployment-api-keys.yaml
+# The service rereads the file when the kubelet updates the mounted Secret, so a key is revoked without a restart.
+"""
+
+
+def deployment_with_api_keys() -> str:
+    doc = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    pod = doc["spec"]["template"]["spec"]
+    api = pod["containers"][0]
+    api["env"].append({"name": "PUPPET_API_KEYS_FILE", "value": f"{API_KEYS_DIR}/keys"})
+    api["volumeMounts"].append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+    pod["volumes"].append({"name": "api-keys", "secret": {"secretName": "puppet-cnn-api-keys", "defaultMode": 0o440}})
+    return (
+        HEADER.format(source="deploy/k8s/deployment.yaml")
+        + API_KEYS_NOTE
+        + yaml.safe_dump(doc, sort_keys=False, width=1000)
+    )
+
+
+RENDERED = {
+    "prometheusrule.yaml": prometheus_rule,
+    "grafana-dashboards.yaml": dashboards_configmap,
+    "variants/deployment-api-keys.yaml": deployment_with_api_keys,
+}
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from model import CheckpointError
 from model.onnx_export import OnnxExportError
 from service.api_docs import install_api_docs
+from service.api_keys import ApiKeys, ApiKeysError
 from service.errors import install_error_handlers
 from service.middleware import MetricsMiddleware
 from service.oip import router as oip_router
@@ -34,12 +35,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             grpc_server = await start_grpc_server(state)
         state.loop_lag.start()  # how long requests wait unread: admission counts it (service/loop_lag.py)
+        if state.api_keys is not None:
+            state.api_keys.start_watching()
         state.set_ready(True)
         try:
             yield
         finally:
             state.set_ready(False)
             state.loop_lag.stop()
+            if state.api_keys is not None:
+                state.api_keys.stop_watching()
             if grpc_server is not None:  # calls still running get the grace period, new ones UNAVAILABLE
                 await grpc_server.stop(settings.drain_timeout_s)
             if state.batcher is not None:
@@ -65,8 +70,15 @@ async def _start(state: ServiceState) -> None:
     """Load the model (service/state.py) off the event loop; a failure stops the process before it is ever ready."""
     state.set_ready(False)
     try:
+        if state.settings.api_keys_file is not None:
+            state.api_keys = ApiKeys(state.settings.api_keys_file)
         await asyncio.to_thread(load_service, state)
-    except (CheckpointError, OnnxExportError, StartupFailed) as e:  # the message names the file and what is wrong
+    except (
+        CheckpointError,
+        OnnxExportError,
+        StartupFailed,
+        ApiKeysError,
+    ) as e:  # the message names the file and what is wrong
         log.critical("cannot start: %s", e)
         raise StartupFailed(str(e)) from None
     except Exception as e:

@@ -14,6 +14,11 @@ from service.logs import note
 DRAINING_MESSAGE = "the service is shutting down; retry on another instance"
 
 
+def oip_path(path: str) -> bool:
+    """Whether a path is the Open Inference Protocol's, whose errors are {"error": "<message>"}."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -28,7 +33,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         note(error=exc.code, **({"error_id": exc.headers["X-Error-Id"]} if "X-Error-Id" in exc.headers else {}))
-        if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+        if oip_path(request.url.path):  # the Open Inference Protocol's error shape
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
@@ -37,7 +42,7 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         note(error="invalid_option")
-        if request.url.path.startswith("/v2/"):
+        if oip_path(request.url.path):
             return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=400)
         return error_response(422, "invalid_option", f"{where}: {first['msg']}")
 
@@ -45,7 +50,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         note(error=code)
-        if request.url.path.startswith("/v2/"):  # e.g. a body FastAPI cannot parse: the OIP shape too
+        if oip_path(request.url.path):  # e.g. a body FastAPI cannot parse: the OIP shape too
             return JSONResponse(
                 {"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
             )

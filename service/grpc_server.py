@@ -26,6 +26,7 @@ import uuid
 from google.protobuf import unknown_fields
 
 from service import metrics
+from service.api_keys import ApiKeys, Refusal, check_credentials
 from service.errors import DRAINING_MESSAGE, ApiError
 from service.logs import REQUEST_FIELDS, access_line
 from service.oip_tensors import (
@@ -54,6 +55,7 @@ SERVICE = "/inference.GRPCInferenceService/"
 HEALTH_RPCS = ("ServerLive", "ServerReady", "ModelReady")  # logged at debug level, like HTTP health checks
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -89,6 +91,8 @@ def _rpc(method):
         trailing = (("x-request-id", request_id),)
         context.set_trailing_metadata(trailing)
         try:
+            if self.state.api_keys is not None and name not in HEALTH_RPCS:
+                fields["key_name"] = _key_name(self.state.api_keys, context)
             return await method(self, request, context)
         except ApiError as e:
             status = e.status
@@ -124,6 +128,16 @@ def _rpc(method):
             access_line(fields, quiet=name in HEALTH_RPCS)
 
     return handler
+
+
+def _key_name(keys: ApiKeys, context: grpc.aio.ServicerContext) -> str:
+    """The name of the call's API key (`authorization` metadata: Bearer <key>), or ApiError 401 (UNAUTHENTICATED)."""
+    authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+    outcome = check_credentials(keys, authorization if isinstance(authorization, str) else None, None)
+    if isinstance(outcome, Refusal):
+        metrics.AUTH_FAILURES.labels(outcome.reason).inc()
+        raise ApiError(401, "unauthorized", outcome.message)
+    return outcome
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

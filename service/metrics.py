@@ -82,6 +82,11 @@ DEVICE_MEMORY = Gauge(
     multiprocess_mode="livesum",
 )
 WORKER_RESTARTS = Counter("puppet_worker_restarts_total", "inference worker restarts after a crash")
+AUTH_FAILURES = Counter(
+    "puppet_auth_failures_total",
+    "requests and calls refused for their API key (missing, malformed, invalid)",
+    ["reason"],
+)
 
 
 def exposition() -> bytes:

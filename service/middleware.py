@@ -13,15 +13,17 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from service import metrics
+from service.api_keys import Refusal, check_credentials
 from service.body_pace import PaceLimits, UploadTooSlow, paced_receive
 from service.connections import BODY_RECEIVED, UNREAD_S
-from service.errors import DRAINING_MESSAGE, error_response
+from service.errors import DRAINING_MESSAGE, error_response, oip_path
 from service.logs import REQUEST_FIELDS, access_line
 from service.request_context import CLIENT_CLOSED, REQUEST_CLOCK, RequestClock, new_request_id, sane_request_id
 from service.state import ServiceState
 
 log = logging.getLogger("puppet.service")
 HEALTH_PATHS = ("/health/", "/v2/health/", "/metrics")  # answered while draining, logged quietly
+OPEN_PATHS = ("/health/", "/v2/health/", "/docs", "/openapi.json")  # no API key: probes, and the API's description
 
 
 class _Exchange:
@@ -44,7 +46,7 @@ class _Exchange:
     async def refuse(self, receive, status: int, code: str, message: str, headers: dict[str, str]) -> None:
         """Answer before (or instead of) the route, in the error shape of the API the path belongs to."""
         self.fields["error"] = code
-        if self.path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+        if oip_path(self.path):
             response = JSONResponse({"error": message}, status_code=status, headers=headers)
         else:
             response = error_response(status, code, message, headers)
@@ -85,6 +87,25 @@ class MetricsMiddleware:
         waited = unread() if unread is not None else None
         return self.state.loop_lag.current() if waited is None else waited
 
+    def _credentials(self, exchange: _Exchange) -> Refusal | None:
+        """Why the request's API key does not admit it (None: it does, or none is needed); the key's name is logged."""
+        keys, path = self.state.api_keys, exchange.path
+        if keys is None or path.startswith(OPEN_PATHS) or (path.startswith("/v2/models/") and path.endswith("/ready")):
+            return None
+        if path == "/metrics" and not self.state.settings.metrics_require_key:
+            return None
+        authorization = api_key = None
+        for k, v in exchange.scope["headers"]:
+            if k == b"authorization" and authorization is None:
+                authorization = v.decode("latin-1")
+            elif k == b"x-api-key" and api_key is None:
+                api_key = v.decode("latin-1")
+        outcome = check_credentials(keys, authorization, api_key)
+        if isinstance(outcome, Refusal):
+            return outcome
+        exchange.fields["key_name"] = outcome
+        return None
+
     async def _handle(self, exchange: _Exchange, receive, clock: RequestClock) -> None:
         """The route, or the refusal that replaces it; the errors that escape the route, answered."""
         scope = exchange.scope
@@ -96,6 +117,10 @@ class MetricsMiddleware:
                     f"Transfer-Encoding {exchange.coding!r} is not supported; send Content-Length or chunked alone"
                 )
                 await exchange.refuse(receive, 400, "unsupported_transfer_coding", message, {"Connection": "close"})
+            elif (refusal := self._credentials(exchange)) is not None:
+                metrics.AUTH_FAILURES.labels(refusal.reason).inc()
+                headers = {"WWW-Authenticate": refusal.challenge}
+                await exchange.refuse(receive, 401, "unauthorized", refusal.message, headers)
             elif self.state.draining and not exchange.path.startswith(HEALTH_PATHS):
                 metrics.REJECTIONS.labels("draining").inc()
                 await exchange.refuse(receive, 503, "draining", DRAINING_MESSAGE, {"Retry-After": "1"})

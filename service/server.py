@@ -108,6 +108,8 @@ class DrainingServer(uvicorn.Server):
 def run_server(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     """Serve the app until it has drained: on `sockets` (a worker's, bound by service/supervisor.py), or on the
     settings' address."""
+    if settings.api_keys_file is not None:  # SIGHUP rereads the keys (service/api_keys.py); until then it is ignored
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

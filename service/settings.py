@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     upload_rate_window_s: float = Field(
         10.0, gt=0, le=300, description="the window over which min_upload_rate is averaged"
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="a file of API keys, one per line with an optional name after it: when set, every inference "
+        "route (HTTP and gRPC) requires one of them; read again when it changes or on SIGHUP (docs/operations.md, "
+        "Security)",
+    )
+    metrics_require_key: bool = Field(
+        False, description="with API keys on, /metrics requires a key too (default: open, for Prometheus to scrape)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for a terminal")
 
@@ -139,9 +148,9 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
 
-    @field_validator("router_budget", mode="before")
+    @field_validator("router_budget", "api_keys_file", mode="before")
     @classmethod
-    def _empty_budget_is_unset(cls, v):
+    def _empty_is_unset(cls, v):
         return None if isinstance(v, str) and not v.strip() else v
 
     @model_validator(mode="after")

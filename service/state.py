@@ -19,6 +19,7 @@ from model import Checkpoint, load_checkpoint, resolve_device
 from model.onnx_export import ensure_export, verified_export
 from model.routers import Router
 from service import metrics
+from service.api_keys import ApiKeys
 from service.backends import Backend, OnnxBackend, TorchBackend
 from service.batcher import Batcher
 from service.loop_lag import LoopLag
@@ -46,6 +47,7 @@ class ServiceState:
     worker_up: bool = True
     in_flight: int = 0
     loop_lag: LoopLag = field(default_factory=LoopLag)  # sampled on the serving event loop (service/app.py)
+    api_keys: ApiKeys | None = None  # None: no key is required (service/api_keys.py)
 
     @property
     def serving(self) -> bool:

@@ -111,6 +111,7 @@ class Supervisor:
     def __init__(self, settings: Settings, workers: int, run_server: RunServer):
         self.settings, self.n, self.run_server = settings, workers, run_server
         self.signals = 0
+        self.procs: list[multiprocessing.Process] = []
         self._wake = threading.Event()
         self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no torch state forked
 
@@ -124,6 +125,11 @@ class Supervisor:
             for p in self.procs:
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGINT)
+
+    def _forward(self, sig, frame) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, sig)
 
     def _spawn(self) -> multiprocessing.Process:
         p = self.context.Process(target=_worker, args=(self.settings, self.run_server), name="puppet-serve-worker")
@@ -143,6 +149,8 @@ class Supervisor:
         self.settings = s = s.model_copy(update={"port": sock.getsockname()[1]})  # port 0: the one it got
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if s.api_keys_file is not None:  # every worker rereads its keys (service/api_keys.py)
+            signal.signal(signal.SIGHUP, self._forward)
         log.info("serving on %s:%d with %d worker processes", s.host, s.port, self.n)
         self.procs = [self._spawn() for _ in range(self.n)]
         try:

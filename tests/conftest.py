@@ -39,7 +39,7 @@ def _randomise_norms(model):
 
 # -- tiers: `make test-fast` runs what needs no other process (-m "not integration and not slow") -----------------
 # Fixtures that start a server (or a namespace, a browser): a test that uses one is integration wherever it lives.
-PROCESS_FIXTURES = {"server", "expected", "faulty", "host", "offline_host", "browser", "server_and_prometheus"}
+PROCESS_FIXTURES = {"server", "expected", "faulty", "host", "offline_host", "browser", "server_and_prometheus", "keyed"}
 
 
 def pytest_collection_modifyitems(config, items):

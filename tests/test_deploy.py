@@ -85,6 +85,11 @@ def test_compose_config_is_valid(files):
     assert prom["depends_on"]["api"]["condition"] == "service_healthy"
     assert graf["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert set(config["volumes"]) == {"prometheus-data", "grafana-data"}
+    # the service is public; Prometheus (no login) and Grafana are published on this host only, by default
+    assert all("host_ip" not in p for p in api["ports"])
+    assert [p.get("host_ip") for p in prom["ports"] + graf["ports"]] == ["127.0.0.1", "127.0.0.1"]
+    assert graf["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "", "no default Grafana password"
+    assert "GRAFANA_ADMIN_PASSWORD" in " ".join(graf["entrypoint"]) and "exit 1" in " ".join(graf["entrypoint"])
     mounts = {v["target"]: v["source"] for v in prom["volumes"] + graf["volumes"]}
     for target in (
         "/etc/prometheus/prometheus.yml",
@@ -145,6 +150,34 @@ def test_kubernetes_shape():
     kustomization = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
     for resource in kustomization["resources"]:
         assert (ROOT / "deploy" / "k8s" / resource).exists()
+
+
+def test_the_network_policy_admits_the_gateway_and_prometheus_only():
+    docs = _k8s_docs()
+    pod = docs[("deploy/k8s/deployment.yaml", "Deployment")]["spec"]["template"]
+    policy = docs[("deploy/k8s/networkpolicy.yaml", "NetworkPolicy")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    gateway, prometheus = policy["ingress"]
+    assert {p["port"] for p in gateway["ports"]} == ports == {"http", "grpc"}
+    assert [p["port"] for p in prometheus["ports"]] == ["http"]  # /metrics
+    for rule in (gateway, prometheus):
+        assert [set(f) for f in rule["from"]] == [{"namespaceSelector"}]  # a named namespace, never everyone
+    kustomization = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
+    assert "networkpolicy.yaml" in kustomization["resources"]
+
+
+def test_the_api_keys_deployment_mounts_the_secret_as_the_keys_file():
+    docs = _k8s_docs()
+    pod = docs[("deploy/k8s/variants/deployment-api-keys.yaml", "Deployment")]["spec"]["template"]["spec"]
+    api = pod["containers"][0]
+    keys_file = next(e["value"] for e in api["env"] if e["name"] == "PUPPET_API_KEYS_FILE")
+    mount = next(m for m in api["volumeMounts"] if m["name"] == "api-keys")
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert keys_file == mount["mountPath"] + "/keys" and mount["readOnly"]
+    assert volume["secret"]["secretName"] == "puppet-cnn-api-keys" and volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == 10001  # the service's group reads it
 
 
 def test_rendered_kubernetes_objects_are_up_to_date():
