@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 AUTO_KEY = 0  # cost key of an image whose depth the policy picks; keys 1..D_max are fixed depths
 EMA_WEIGHT = 0.2  # weight of the newest batch
-MARGIN = 0.4  # of the deadline, not planned for: under load the work ahead overran its estimate (docs/reliability.md)
+MARGIN = 0.5  # of the deadline, not planned for: stalls the overrun has not yet seen (docs/reliability.md)
 WAY_BACK_HALF_LIFE_S = 2.0
 OVERRUN_HALF_LIFE_S = 2.0
 OVERRUN_MIN_S = 0.05  # an estimate shorter than this (a lone request on an idle worker) says nothing of the queue's

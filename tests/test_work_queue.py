@@ -87,7 +87,7 @@ def test_work_that_cannot_fit_its_deadline_is_refused_with_the_time_it_would_fit
     with pytest.raises(
         QueueFull, match=r"queued ahead \(about 1500 ms\) and the time it has already waited here \(9\d\d\d ms\)"
     ) as refused:
-        _put_all(q, [1], depth=1, waited_s=9.0)  # 1 s left, of which 4 s are the estimate's margin
+        _put_all(q, [1], depth=1, waited_s=9.0)  # 1 s left, less than the margin kept for stalls
     assert refused.value.retry_after_s > 1.5
     assert _rejections("queue_full") == before + 1
 
@@ -132,10 +132,10 @@ def test_requests_past_their_deadline_when_the_batch_forms_are_refused_not_run()
 
     async def go():
         now = time.perf_counter()
-        early = q.put(_images(2), depth=1, max_depth=None, started=now - 5)  # due at now + 5
+        early = q.put(_images(2), depth=1, max_depth=None, started=now - 4)  # due at now + 6
         fresh = q.put(_images(2), depth=1, max_depth=None, started=now)  # due at now + 10
         before = _rejections("deadline")
-        live = q.drop_late(q.take_batch(), now + 5 - 0.002)  # the batch's 4 ms of work would end past `early`'s
+        live = q.drop_late(q.take_batch(), now + 6 - 0.002)  # the batch's 4 ms of work would end past `early`'s
         with pytest.raises(DeadlineExceeded):
             await early.future
         assert live == [fresh] and not fresh.future.done()
