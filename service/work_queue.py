@@ -196,6 +196,11 @@ class WorkQueue:
             metrics.QUEUE_LENGTH.set(self._images)
             return batch
 
+    @property
+    def waiting(self) -> bool:
+        """Whether any request waits (read without the lock: a hint, not a count)."""
+        return bool(self._queue)
+
     def batch_done(self) -> None:
         self._busy_s = 0.0
 
