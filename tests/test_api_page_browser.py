@@ -18,7 +18,7 @@ import pytest
 from benchmarks.server_process import free_port
 from conftest import REPO
 from support.live_server import LiveServer
-from support.shaped_links import ShapedHost, Unavailable
+from support.shaped_links import shaped_host_or_skip
 
 pytestmark = pytest.mark.integration  # every test here starts a server or another process
 
@@ -31,12 +31,8 @@ OPERATION = "#operations-default-classify_classify_post"
 def offline_host():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them as root)")
-    try:
-        h = ShapedHost({"link": None})
-    except Unavailable as e:
-        pytest.skip(f"no network namespace for a browser without network: {e}")
-    yield h
-    h.close()
+    with shaped_host_or_skip({"link": None}, "no network namespace for a browser without network") as h:
+        yield h
 
 
 @pytest.fixture(scope="module")

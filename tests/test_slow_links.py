@@ -22,7 +22,7 @@ import pytest
 from benchmarks.server_process import SERVER_ENV
 from support.crafted_images import phone_photo
 from support.live_server import LiveServer
-from support.shaped_links import ShapedHost, Unavailable
+from support.shaped_links import ShapedHost, shaped_host_or_skip
 
 pytestmark = pytest.mark.integration  # every test here starts a server or another process
 
@@ -34,12 +34,8 @@ CROWD_UPLOAD = 256_000  # bytes each: about 5 s at 50 KB/s
 
 @pytest.fixture(scope="module")
 def host():
-    try:
-        h = ShapedHost(RATES)
-    except Unavailable as e:
-        pytest.skip(f"no shaped links here: {e}")
-    yield h
-    h.close()
+    with shaped_host_or_skip(RATES, "no shaped links here") as h:
+        yield h
 
 
 @pytest.fixture(scope="module")

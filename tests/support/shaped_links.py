@@ -12,6 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
 
 
 class Unavailable(Exception):
@@ -71,3 +75,17 @@ class ShapedHost:
 
     def close(self) -> None:
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+
+
+@contextmanager
+def shaped_host_or_skip(rates: dict[str, int | None], why: str) -> Iterator[ShapedHost]:
+    """A ShapedHost for a module fixture, removed after; the test skips, saying `why` and the cause, where none can
+    be made."""
+    try:
+        host = ShapedHost(rates)
+    except Unavailable as e:
+        pytest.skip(f"{why}: {e}")
+    try:
+        yield host
+    finally:
+        host.close()
