@@ -19,6 +19,7 @@ from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from service import pipeline
 from service.deps import Loaded, State
 from service.errors import ApiError
 from service.oip_tensors import (
@@ -175,6 +176,7 @@ async def v2_infer(
     name: ModelName, request: Request, state: Loaded, inference_header_content_length: HeaderLength = None
 ) -> Response:
     check_model(name)
+    pipeline.refuse_early(state)
     limit = state.settings.max_upload_bytes
     body = _decoded(await read_body(request, limit), request.headers.get("content-encoding", ""), limit)
     req, inputs = _parse(body, inference_header_content_length)

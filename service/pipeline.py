@@ -63,6 +63,13 @@ async def infer(
     return results, timings
 
 
+def refuse_early(state: ServiceState) -> None:
+    """Refuse, before its body is read, a request that could not be admitted even as one image at depth 1. Under
+    overload most requests are refused, and reading and parsing their bodies took the event loop's time from the
+    ones accepted (docs/reliability.md)."""
+    admission_check(state, 1, depth=1, max_depth=None)
+
+
 def admission_check(state: ServiceState, n: int, *, depth: int | None, max_depth: int | None) -> None:
     """Refuse, before decoding, a request that the worker would refuse. Under overload most requests are
     refused, and decoding theirs took the event loop's time from the ones accepted (fewer accepted, and answers

@@ -43,6 +43,7 @@ async def classify(request: Request, state: Loaded) -> JSONResponse:
     t0 = time.perf_counter()
     s, ckpt = state.settings, state.ckpt
     d_max = ckpt.config.max_depth
+    pipeline.refuse_early(state)
     blobs, options = await images_and_options(request, s.max_upload_bytes, s.max_images_per_request)
     t_body = time.perf_counter()
     k = parse_top_k(options["top_k"], s.default_top_k, len(ckpt.classes))
