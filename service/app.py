@@ -73,12 +73,8 @@ async def _start(state: ServiceState) -> None:
         if state.settings.api_keys_file is not None:
             state.api_keys = ApiKeys(state.settings.api_keys_file)
         await asyncio.to_thread(load_service, state)
-    except (
-        CheckpointError,
-        OnnxExportError,
-        StartupFailed,
-        ApiKeysError,
-    ) as e:  # the message names the file and what is wrong
+    # the message names the file and what is wrong
+    except (CheckpointError, OnnxExportError, StartupFailed, ApiKeysError) as e:
         log.critical("cannot start: %s", e)
         raise StartupFailed(str(e)) from None
     except Exception as e:

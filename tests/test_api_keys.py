@@ -94,6 +94,15 @@ def test_an_unreadable_keys_file_stops_the_start(tmp_path):
 
 
 # -- a real server -------------------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_a_bad_keys_file_stops_the_server_saying_which_line(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"{ALICE} alice\nshort\n")
+    with pytest.raises(RuntimeError, match=r"server exited with \d+: .*cannot start: .*keys, line 2") as failed:
+        LiveServer(api_keys_file=str(path))
+    assert ALICE not in str(failed.value) and "short" not in str(failed.value)
+
+
 @pytest.fixture(scope="module")
 def pngs():
     return [encode_png(img) for img in load_dataset("fashion-mnist", "test").subset(slice(0, 4)).images]
