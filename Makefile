@@ -95,7 +95,7 @@ test-fast: setup
 
 # The long reliability runs and every bound on time and memory; make test asserts what cannot vary with speed.
 test-slow: setup
-	$(VENV)/bin/pytest -m slow -s tests/test_reliability.py tests/test_slow_links.py tests/test_upload_budget.py
+	$(VENV)/bin/pytest -m slow -s
 
 lint: setup
 	$(VENV)/bin/ruff check .
