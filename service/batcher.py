@@ -94,6 +94,10 @@ class Batcher:
         """Refuse now what `submit` would refuse, raising as it does (before the images are decoded)."""
         self.queue.check(n, depth=depth, max_depth=max_depth, started=started)
 
+    def check_while_busy(self, *, started: float) -> None:
+        """Under load, refuse what could not be admitted even as one image at depth 1 (before the body is read)."""
+        self.queue.check_while_busy(started)
+
     async def submit(
         self, images: torch.Tensor, *, depth: int | None, max_depth: int | None, started: float
     ) -> tuple[list[ImageResult], BatchTimings]:

@@ -64,10 +64,11 @@ async def infer(
 
 
 def refuse_early(state: ServiceState) -> None:
-    """Refuse, before its body is read, a request that could not be admitted even as one image at depth 1. Under
-    overload most requests are refused, and reading and parsing their bodies took the event loop's time from the
-    ones accepted (docs/reliability.md)."""
-    admission_check(state, 1, depth=1, max_depth=None)
+    """Refuse, before its body is read, a request that could not be admitted even as one image at depth 1, while
+    the worker has work. Under overload most requests are refused, and reading and parsing their bodies took the
+    event loop's time from the ones accepted (docs/reliability.md)."""
+    with refusals(state):
+        state.batcher.check_while_busy(started=deadline_origin())
 
 
 def admission_check(state: ServiceState, n: int, *, depth: int | None, max_depth: int | None) -> None:

@@ -143,6 +143,14 @@ class WorkQueue:
         with self._cond:
             self._admit(n, depth, max_depth, started)
 
+    def check_while_busy(self, started: float) -> None:
+        """While work waits or runs, refuse what `check` would refuse of a single image at depth 1. On an idle worker
+        nothing is refused here: the full check, once the request's images are known, can tell a request that
+        could never fit (504) from one that must wait its turn (429)."""
+        with self._cond:
+            if self._queue or self._busy_s > 0:
+                self._admit(1, 1, None, started)
+
     def put(self, images: torch.Tensor, *, depth: int | None, max_depth: int | None, started: float) -> Queued:
         """Admit and queue one request's images (from its event loop); its deadline is `deadline_s` after `started`."""
         loop = asyncio.get_running_loop()

@@ -147,3 +147,16 @@ def test_requests_past_their_deadline_when_the_batch_forms_are_refused_not_run()
 def test_a_capped_auto_request_is_priced_at_the_cheaper_of_its_cap_and_auto():
     q = _queue()
     assert q.costs.key(None, 1) == 1 and q.costs.key(None, 3) == AUTO_KEY and q.costs.key(2, None) == 2
+
+
+def test_the_early_check_refuses_only_while_the_worker_has_work():
+    q = _queue(max_queue=10_000, deadline_s=2.0)
+    q.check_while_busy(time.perf_counter() - 1.9)  # idle: left to the full check, whatever the time spent
+    _put_all(q, [200], depth=3)  # 0.6 s of work waiting
+    with pytest.raises(QueueFull):  # with 1.5 s left, half of it kept: not even one image at depth 1 fits behind it
+        q.check_while_busy(time.perf_counter() - 0.5)
+    q.take_batch()  # now running
+    with pytest.raises(QueueFull):
+        q.check_while_busy(time.perf_counter() - 0.5)
+    q.batch_done()
+    q.check_while_busy(time.perf_counter() - 1.9)
