@@ -97,6 +97,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablation-tied", nargs="+", default=[], help="tied-kernel puppets of equal stored numbers")
     p.add_argument("--plain-cnn", nargs="+", default=[], help="a plain CNN of the puppet's stored numbers")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (a quick look)")
     p.add_argument("--out", default="docs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-plots", dest="plots", action="store_false")
@@ -113,7 +114,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     groups = {"ode": args.ablation_ode, "tied": args.ablation_tied, "plain": args.plain_cnn}
     ablation = {name: paths for name, paths in groups.items() if paths} or None
     r = evaluate(
-        args.checkpoint, twin=args.twin, ablation=ablation, data_dir=args.data_dir, out=args.out, plots=args.plots
+        args.checkpoint,
+        twin=args.twin,
+        ablation=ablation,
+        data_dir=args.data_dir,
+        out=args.out,
+        plots=args.plots,
+        test_limit=args.test_limit,
     )
     print(
         f"top-1 by depth {[round(100 * a, 2) for a in r['accuracy_by_depth']]}; served default "

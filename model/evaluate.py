@@ -50,12 +50,16 @@ def evaluate(
     out: str | Path = "docs",
     plots: bool = True,
     random_repeats: int = 100,
+    test_limit: int | None = None,
 ) -> dict:
     """Evaluate and write the report. `ablation` maps "ode", "tied" (puppets of equal stored numbers, one
-    checkpoint a seed) and "plain" (a plain CNN of the puppet's stored numbers) to their checkpoints."""
+    checkpoint a seed) and "plain" (a plain CNN of the puppet's stored numbers) to their checkpoints.
+    `test_limit` evaluates on the first N test images only, for a quick look; the report says how many."""
     t_start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     test = load_dataset(ckpt.dataset or "fashion-mnist", "test", Path(data_dir) if data_dir else None)
+    if test_limit is not None:
+        test = test.subset(slice(0, test_limit))
     split = SplitOutputs.of(ckpt, test)
     routed = routed_forward(ckpt, test.images, ckpt.catalog.router())
     report: dict = {  # the sections in the order model-report.json lists them

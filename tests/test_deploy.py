@@ -392,7 +392,7 @@ def server_and_prometheus(tmp_path_factory):
         server.stop()
 
 
-def _traffic(server, seconds=25.0):
+def _traffic(server, seconds=6.0):
     """Auto, requested and capped depths, bursts, bad input, then an overload (429s and degraded depths)."""
     data = load_dataset("fashion-mnist", "test").subset(slice(0, 32))
     pngs = [encode_png(img) for img in data.images]

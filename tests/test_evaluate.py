@@ -12,6 +12,7 @@ from model.report_render import signed
 from model.router_fit import fit_routers, validation_split
 from model.train import TrainConfig, train
 
+TEST_IMAGES = 2000  # of the 10,000: the same code on a fifth of the work
 SMALL = {"widths": (8, 16), "ranks": (4, 8), "max_depth": 3, "limit": 1200, "val_size": 300, "batch_size": 50}
 
 
@@ -38,7 +39,10 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.integration
 def test_the_report_measures_what_it_serves_and_renders_every_section(checkpoints):
     tmp, paths = checkpoints
-    r = evaluate(paths["ode"][0], twin=paths["plain"][0], ablation=paths, out=tmp / "docs", plots=False)
+    r = evaluate(
+        paths["ode"][0], twin=paths["plain"][0], ablation=paths, out=tmp / "docs", plots=False, test_limit=TEST_IMAGES
+    )
+    assert r["test_images"] == TEST_IMAGES
     # the served default through the real two-pass forward agrees with the figures gathered per depth
     assert r["routed_matches_gathered"] is True
     assert r["routing"]["default"]["test_accuracy"] == pytest.approx(r["accuracy_routed"], abs=1e-12)
@@ -61,6 +65,7 @@ def test_the_report_measures_what_it_serves_and_renders_every_section(checkpoint
         "## What the ODE",
     ):
         assert heading in md
+    assert f"on {TEST_IMAGES:,} fashion-mnist test images" in md
     assert "2 and 1 seed(s)" in md and "One seed only" in md and "A plain CNN of" in md
     assert json.loads((tmp / "docs" / "model-report.json").read_text())["sha256"] == r["sha256"]
 

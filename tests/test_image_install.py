@@ -229,6 +229,7 @@ def check_every_module_imports(python: Path, env: dict[str, str], cwd: Path) -> 
     return len(report["files"])
 
 
+@pytest.mark.slow  # a fresh venv with torch: about a minute of pip, the image's tier (make test-slow)
 def test_the_image_install_imports_and_serves(tmp_path):
     t0 = time.monotonic()
     venv_bin = install_like_the_image(tmp_path)

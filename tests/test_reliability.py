@@ -201,6 +201,20 @@ def _soak(pngs, seconds: float, warmup_s: float, *, every_200: bool) -> None:
         s.stop()
 
 
+def test_a_run_of_requests_leaves_no_descriptor_or_thread_behind(pngs):
+    """Closed-loop load (every answer 200, support/load.py) after a warm-up: the settled counts do not grow."""
+    s = _server()
+    try:
+        capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=2)  # pools and threads as in service
+        start = _settled_stats(s)
+        capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=4)
+        end = _settled_stats(s)
+        assert end["fds"] <= start["fds"] and end["threads"] <= start["threads"], (start, end)
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
 def test_soak_short(pngs):
     _soak(pngs, seconds=20, warmup_s=5, every_200=False)
 
