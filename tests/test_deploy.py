@@ -23,7 +23,7 @@ import yaml
 from conftest import REPO
 from model import SHIPPED_CHECKPOINT, load_checkpoint, load_dataset
 from model.data import encode_png
-from support.live_server import SHIPPED, LiveServer, free_port
+from support.live_server import SHIPPED, SHIPPED_DEADLINE_MS, LiveServer, free_port
 from support.load import capacity, open_loop
 from support.routing import catalog, with_routers
 
@@ -41,7 +41,8 @@ def _run(*cmd, cwd=ROOT, timeout=120):
 
 
 def _tool(name):
-    path = shutil.which(name) or (BIN / name if (BIN / name).exists() else None)
+    """The project's own pinned tool in the venv, else one on PATH (prometheus comes from Debian)."""
+    path = BIN / name if (BIN / name).exists() else shutil.which(name)
     assert path, f"{name} is not installed: `make test` installs it"
     return path
 
@@ -349,8 +350,12 @@ def _cascade_checkpoint(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def server_and_prometheus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prometheus")
-    server = LiveServer(  # the default deadline decides admission
-        max_queue=4096, degrade_under_load="true", checkpoint=_cascade_checkpoint(tmp), onnx_cache_dir=tmp / "onnx"
+    server = LiveServer(  # the shipped deadline decides admission
+        request_deadline_ms=SHIPPED_DEADLINE_MS,
+        max_queue=4096,
+        degrade_under_load="true",
+        checkpoint=_cascade_checkpoint(tmp),
+        onnx_cache_dir=tmp / "onnx",
     )
     port = free_port()
     config = {

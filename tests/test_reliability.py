@@ -25,7 +25,7 @@ from model.checkpoint import read_metadata
 from model.data import encode_png
 from model.routers import ROUTERS
 from service.errors import DRAINING_MESSAGE
-from support.live_server import SHIPPED, LiveServer, answer_or_cut, hung_teardown
+from support.live_server import SHIPPED, SHIPPED_DEADLINE_MS, LiveServer, answer_or_cut, hung_teardown
 from support.load import capacity, open_loop, p50_latency
 
 pytestmark = pytest.mark.integration  # every test here starts a server or another process
@@ -62,8 +62,8 @@ def _overload(pngs, seconds: float, *, bounds: bool, late_allowed: bool = True) 
     `late_allowed`, no 200 may reach the client after the deadline (its clock, not the server's)."""
     # the default deadline (2 s) and degrade under load; the bound of 256 queued images raised, so that on a fast
     # machine too it is admission by time that refuses (on a slow one it binds first anyway)
-    s = _server(max_queue=4096)
-    deadline_ms = 2000
+    deadline_ms = SHIPPED_DEADLINE_MS
+    s = _server(max_queue=4096, request_deadline_ms=deadline_ms)
     try:
         before = p50_latency(s.url, pngs[0])
         cap = capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=4)
@@ -172,7 +172,7 @@ def _soak(pngs, seconds: float, warmup_s: float, *, every_200: bool) -> None:
     """70% of the measured capacity: memory, descriptors and threads do not grow. With `every_200` (the long run,
     make test-slow) every request is answered 200; the short run allows a few 429s, since a stall of the machine
     leaves requests waiting unread long enough to be refused (the way in counts, service/loop_lag.py)."""
-    s = _server()
+    s = _server(request_deadline_ms=SHIPPED_DEADLINE_MS)
     try:
         cap = capacity(s.url, pngs, images_per_request=IMAGES_PER_REQUEST, seconds=6)
         rate = 0.7 * cap

@@ -373,8 +373,9 @@ def test_without_the_kernel_cache_answers_are_the_same_and_kernels_are_regenerat
     try:
         before = s.metric("puppet_kernel_generation_seconds_count")
         for png in pngs[:5]:
-            a = _classify_png(s.url, png, top_k=3).json()["results"][0]
-            b = _classify_png(server.url, png, top_k=3).json()["results"][0]
+            ra, rb = _classify_png(s.url, png, top_k=3), _classify_png(server.url, png, top_k=3)
+            assert (ra.status_code, rb.status_code) == (200, 200), (ra.text, rb.text)
+            a, b = ra.json()["results"][0], rb.json()["results"][0]
             assert a["depth"] == b["depth"]
             for x, y in zip(a["predictions"], b["predictions"], strict=True):
                 assert x["class_id"] == y["class_id"] and x["probability"] == pytest.approx(y["probability"], abs=1e-5)

@@ -10,7 +10,7 @@ import pytest
 
 from model import load_dataset
 from model.data import encode_png
-from support.live_server import LiveServer, answer_or_cut, hung_teardown
+from support.live_server import SHIPPED_DEADLINE_MS, LiveServer, answer_or_cut, hung_teardown
 from support.load import capacity, open_loop
 
 pytestmark = pytest.mark.integration  # every test here starts a server or another process
@@ -109,7 +109,14 @@ def test_degrade_under_load_caps_the_depth(pngs):
     router (the depth table), whose images deeper than 1 then drop to it."""
     # the entropy table at budget 0.6 sends every image deeper than 1 on the shipped checkpoint (at its default
     # budget, 0.281, the table is depth 1 everywhere: nothing to degrade)
-    s = LiveServer(degrade_under_load="true", degrade_depth=1, max_queue=4096, router="entropy", router_budget=0.6)
+    s = LiveServer(
+        degrade_under_load="true",
+        degrade_depth=1,
+        max_queue=4096,
+        router="entropy",
+        router_budget=0.6,
+        request_deadline_ms=SHIPPED_DEADLINE_MS,  # half of it decides the degrading
+    )
     try:
         cap = capacity(s.url, pngs, images_per_request=8, seconds=2)
         before = s.metric("puppet_depth_chosen_total", depth="1", reason="degraded", **{"pass": "first"})

@@ -9,9 +9,14 @@ import httpx
 from benchmarks.server_process import ServerProcess, free_port, metric_samples
 from conftest import REPO
 from model import SHIPPED_CHECKPOINT
+from service.settings import Settings
 
 SHIPPED = str(SHIPPED_CHECKPOINT)  # model/checkpoint.py: the one place that names it
-__all__ = ["SHIPPED", "LiveServer", "answer_or_cut", "free_port", "hung_teardown"]
+# The deadline a test server gets unless the test sets one: a test that is not about admission by time is never
+# refused because the machine is slow or busy. Tests of admission set theirs, often SHIPPED_DEADLINE_MS.
+UNHURRIED_DEADLINE_MS = 60_000
+SHIPPED_DEADLINE_MS = Settings.model_fields["request_deadline_ms"].default
+__all__ = ["SHIPPED", "SHIPPED_DEADLINE_MS", "LiveServer", "answer_or_cut", "free_port", "hung_teardown"]
 
 
 class LiveServer(ServerProcess):
@@ -32,6 +37,8 @@ class LiveServer(ServerProcess):
             "PUPPET_CHECKPOINT": os.environ.get("PUPPET_CHECKPOINT", SHIPPED),
             **(env or {}),
         }
+        if "request_deadline_ms" not in settings and "PUPPET_REQUEST_DEADLINE_MS" not in full_env:
+            settings["request_deadline_ms"] = UNHURRIED_DEADLINE_MS
         super().__init__(settings, env=full_env, base_env=base_env, timeout=60, command=command, address=address)
 
     def process_stats(self) -> dict[str, int]:
