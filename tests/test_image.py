@@ -402,3 +402,35 @@ def test_compose_runs_the_service_with_prometheus_scraping_it(engine, loaded, ba
     finally:
         run_compose("down", "--volumes", "--timeout", "30", check=False)
     _write_report(compose_up_healthy_s=round(up_s, 1), compose_rules=sum(expected.values()))
+
+
+# -- the GPU variant, without its CUDA base ---------------------------------------------------------------------------
+# The CUDA base cannot be pulled here and has no Python; a bare Debian root stands in for it, so the base stage's
+# branch that installs Python runs. The whole GPU image (PyPI's CUDA torch and onnxruntime-gpu: gigabytes) is built
+# only with PUPPET_IMAGE_GPU=1; it cannot run on a CUDA device here.
+FULL_GPU = os.environ.get("PUPPET_IMAGE_GPU") == "1"
+
+
+def test_the_gpu_variant_builds_on_a_base_without_python(tools, base):
+    bare = containers.local_base("puppet-cnn-base-bare", ())
+    target = [] if FULL_GPU else ["--target", "base"]
+    ref = "localhost/puppet-cnn-serve:gpu-test"
+    extra_ca = containers.extra_ca_certs(base)
+    build_s = buildah_bud(
+        "--build-arg", f"BASE_IMAGE={bare}", "--build-arg", "VARIANT=gpu",
+        "--build-arg", f"EXTRA_CA_CERTS={extra_ca}", *target, "-t", ref,
+    )  # fmt: skip
+    try:
+        with containers.mounted(ref) as root:
+            # the base stage installed Python with venv and ensurepip, as it must on the CUDA base
+            assert (root / "usr/bin/python3").exists() and (root / "usr/lib/python3.11/ensurepip").is_dir()
+            if FULL_GPU:
+                site = root / "opt/venv/lib/python3.11/site-packages"
+                dists = {d.name.split("-")[0].lower() for d in site.glob("*.dist-info")}
+                assert "onnxruntime_gpu" in dists and "onnxruntime" not in dists, sorted(dists)
+                cuda = re.search(r"cuda: .*= '([\d.]+)'", (site / "torch/version.py").read_text())
+                assert cuda, "torch is not a CUDA build"
+                _write_report(gpu_torch_cuda=cuda[1])
+    finally:
+        containers.run(["buildah", "rmi", ref], check=False)
+    _write_report(gpu_build_s=round(build_s, 1), gpu_build_target="runtime" if FULL_GPU else "base")

@@ -84,13 +84,14 @@ def local_base(name: str, packages: tuple[str, ...]) -> str:
             run(["debootstrap", "--variant=minbase", "bookworm", str(root), DEBIAN_MIRROR], timeout=1800)
             # apt, not debootstrap's --include, resolves the packages' dependencies (it left python3.11-venv's out)
             env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LANG": "C.UTF-8"}
-            run(["chroot", str(root), "apt-get", "update", "-qq"], env=env, timeout=600)
-            run(
-                ["chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
-                env=env,
-                timeout=1800,
-            )
-            run(["chroot", str(root), "apt-get", "clean"], env=env)
+            if packages:
+                run(["chroot", str(root), "apt-get", "update", "-qq"], env=env, timeout=600)
+                run(
+                    ["chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+                    env=env,
+                    timeout=1800,
+                )
+                run(["chroot", str(root), "apt-get", "clean"], env=env)
             # no apt lists or package cache in the base, as in Debian's own images
             for leftover in (root / "var/lib/apt/lists", root / "var/cache/apt/archives"):
                 for path in leftover.glob("*"):
@@ -102,15 +103,20 @@ def local_base(name: str, packages: tuple[str, ...]) -> str:
     return ref
 
 
-def image_file(ref: str, path: str) -> str:
-    """A text file of an image in buildah's store, read from its mounted root (`buildah run` needs rlimits that
+@contextlib.contextmanager
+def mounted(ref: str) -> Iterator[Path]:
+    """The root file system of an image in buildah's store, mounted for reading (`buildah run` needs rlimits that
     this machine refuses)."""
     container = run(["buildah", "from", "--pull-never", ref]).stdout.strip().splitlines()[-1]
     try:
-        root = run(["buildah", "mount", container]).stdout.strip()
-        return (Path(root) / path.lstrip("/")).read_text()
+        yield Path(run(["buildah", "mount", container]).stdout.strip())
     finally:
         run(["buildah", "rm", container], check=False)
+
+
+def image_file(ref: str, path: str) -> str:
+    with mounted(ref) as root:
+        return (root / path.lstrip("/")).read_text()
 
 
 def extra_ca_certs(base_ref: str) -> str:
