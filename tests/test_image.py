@@ -33,6 +33,7 @@ from test_image_install import SAMPLES, classify_samples, dockerfile_runtime_env
 
 from benchmarks.server_process import free_ports, wait_ready
 from conftest import REPO
+from service.settings import Settings
 from support import containers
 from support.containers import Engine, Unavailable
 
@@ -45,7 +46,10 @@ CPU_REF = "localhost/puppet-cnn-serve:cpu-test"
 CPU_TAG = "puppet-cnn-serve:cpu"  # the tag docker-compose.cpu.yml gives the image
 BUILD_TIMEOUT_S = 3600  # a guard against a hung download, not a speed check
 READY_TIMEOUT_S = 180.0
-DRAIN_TIMEOUT_S = float(dockerfile_runtime_env().get("PUPPET_DRAIN_TIMEOUT_S", 20.0))  # the service's default
+# the image sets no drain timeout of its own: the service's default applies
+DRAIN_TIMEOUT_S = float(
+    dockerfile_runtime_env().get("PUPPET_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default)
+)
 # The Dockerfile's HEALTHCHECK: a check every 10 s after a 60 s start period, so healthy comes after ready
 HEALTHY_TIMEOUT_S = READY_TIMEOUT_S + 60
 REPORT = os.environ.get("PUPPET_IMAGE_REPORT")  # make test-image: docs/image-report.json
@@ -53,6 +57,11 @@ DEV_ONLY = ("pytest", "httpx", "ruff", "hypothesis", "schemathesis", "tritonclie
 COMPILERS = ("cc", "gcc", "c++", "g++", "clang", "cc1", "ld", "as", "make")
 
 _report: dict = {}
+
+
+def _cpu_model() -> str:
+    models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    return models[0] if models else platform.processor() or "unknown CPU"
 
 
 def _write_report(**fields) -> None:
@@ -75,7 +84,7 @@ def tools():
 def base(tools) -> str:
     t0 = time.monotonic()
     ref = containers.local_base("puppet-cnn-base", BASE_PACKAGES)
-    _write_report(base_image=ref, base_s=round(time.monotonic() - t0, 1))
+    _write_report(base_image=ref, base_s=round(time.monotonic() - t0, 1))  # near 0 when cached
     return ref
 
 
@@ -303,7 +312,7 @@ def test_the_image_holds_no_compiler_no_test_package_and_no_source(engine, loade
     _write_report(
         installed_distributions=len(contents["installed"]),
         runtime_layers=len(history.splitlines()),
-        machine=f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, kernel {platform.release()}",
+        machine=f"{_cpu_model()}, {os.cpu_count()} cores, {platform.machine()}, kernel {platform.release()}",
         date=datetime.now(UTC).strftime("%Y-%m-%d"),
         command="make test-image",
     )
