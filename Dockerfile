@@ -1,7 +1,18 @@
 # syntax=docker/dockerfile:1
 # Puppet-CNN Serve. Default: NVIDIA GPU image (CUDA runtime base, CUDA torch, onnxruntime-gpu).
 # CPU-only image: docker build --build-arg BASE_IMAGE=python:3.11-slim-bookworm --build-arg VARIANT=cpu .
+# Behind a company mirror, the package sources are build arguments (defaults: PyPI and PyTorch's CPU index):
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_TRUSTED_HOST  pip's own settings (empty: pip's default)
+#   TORCH_INDEX_URL  the index the CPU image's torch and its dependencies come from (a mirror of PyTorch's CPU index)
+#   EXTRA_CA_CERTS   PEM certificates pip trusts besides its own bundle (a TLS-intercepting proxy's, say)
+# They reach the build stages only: the runtime image keeps neither the sources nor the certificates.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_FIND_LINKS=
+ARG PIP_TRUSTED_HOST=
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG EXTRA_CA_CERTS=
 
 FROM ${BASE_IMAGE} AS base
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -18,20 +29,35 @@ RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv, ensure
 # --- dependencies, in their own layer: rebuilt only when pyproject.toml changes -------------------------
 FROM base AS deps
 ARG VARIANT=gpu
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG TORCH_INDEX_URL
+ARG EXTRA_CA_CERTS
 WORKDIR /build
 RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+# pip's own certificate bundle plus EXTRA_CA_CERTS; outside the venv, so the runtime image never has it
+RUN { cat "$(/opt/venv/bin/python3 -c 'from pip._vendor import certifi; print(certifi.where())')" \
+ && printf '%s\n' "$EXTRA_CA_CERTS"; } > /build/pip-ca.pem
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_CERT=/build/pip-ca.pem
 COPY pyproject.toml README.md ./
-# Empty packages let pip resolve the project's dependencies without its source.
+# Empty packages (every one pyproject.toml lists) let pip resolve the project's dependencies without its source.
 # CPU: the CPU wheel of torch at pyproject.toml's pin (no multi-GB CUDA build). GPU: PyPI's CUDA torch, onnxruntime-gpu instead of onnxruntime.
-RUN mkdir -p model service && touch model/__init__.py service/__init__.py \
- && if [ "$VARIANT" = "cpu" ]; then pip install "$(grep -oE 'torch==[0-9.]+' pyproject.toml)" --index-url https://download.pytorch.org/whl/cpu; fi \
+RUN mkdir -p model service/oip_proto && touch model/__init__.py service/__init__.py service/oip_proto/__init__.py \
+ && if [ "$VARIANT" = "cpu" ]; then pip install "$(grep -oE 'torch==[0-9.]+' pyproject.toml)" --index-url "$TORCH_INDEX_URL"; fi \
  && pip install . \
  && pip uninstall -y puppet-cnn-serve \
  && if [ "$VARIANT" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18,<2"; fi
 
 # --- the project itself, as a wheel: rebuilt when model/ or service/ change ------------------------------
 FROM deps AS wheel
+# the build backend (setuptools) comes from the same sources
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model

@@ -12,7 +12,7 @@ TWIN := checkpoints/static-twin-fmnist.safetensors
 # the torch pin, as pyproject.toml writes it: installed first, so pip takes the CPU wheel on disk
 TORCH := $(shell grep -oE 'torch==[0-9.]+' pyproject.toml | head -1)
 
-.PHONY: setup serve-setup venv-deps system-deps bench-system-deps test test-fast test-slow lint serve bench bench-env bench-peers train train-twin train-kd train-finetune ablations evaluate clean
+.PHONY: setup serve-setup venv-deps system-deps bench-system-deps test test-fast test-slow test-image lint serve bench bench-env bench-peers train train-twin train-kd train-finetune ablations evaluate clean
 
 # Everything the tests, benchmarks and training need; `make serve` needs only serve-setup.
 setup: $(STAMP) system-deps
@@ -96,6 +96,12 @@ test-fast: setup
 # The long reliability runs and every bound on time and memory; make test asserts what cannot vary with speed.
 test-slow: setup
 	$(VENV)/bin/pytest -m slow -s
+
+# The image built from the Dockerfile and run for real (tests/test_image.py, also in test-slow): as root it installs
+# debootstrap, buildah, podman and docker.io, makes a local Debian base (kept under ~/.cache/puppet-cnn-serve),
+# starts its own Docker engine and stops it; its measurements go to docs/image-report.json.
+test-image: setup
+	PUPPET_IMAGE_REPORT=docs/image-report.json $(VENV)/bin/pytest -m slow -s tests/test_image.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
