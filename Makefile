@@ -85,9 +85,11 @@ bench-system-deps:
 bench-peers: setup bench-env system-deps
 	$(PY) -m benchmarks.peer_bench --out docs/benchmarks-peers.json --plot docs/benchmarks-peers.png
 
+# Two pytest processes (pytest-xdist), each taking whole modules (their servers are module fixtures): much of
+# the suite waits on servers and links. No test here asserts a time, so sharing the cores cannot fail one.
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --numprocesses 2 --dist loadfile
 
 # The tests that start no other process (pure functions, the batcher's logic, the shipped checkpoint): a minute or two.
 test-fast: setup

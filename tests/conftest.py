@@ -46,6 +46,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+        # schemathesis names each operation's test `name[METHOD /path]`, but pytest 9.2 builds the id from the bare
+        # original name: the operations shared one id, and pytest-xdist, which schedules by id, ran only one
+        if getattr(item, "operation_label", None) and item.name != item.originalname and item.nodeid.endswith(
+            "::" + item.originalname
+        ):
+            item._id = item.parent.id.child(item.name)
+    seen: set[str] = set()
+    twice = {item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)}
+    if twice:  # make test runs on two processes (pytest-xdist): a test sharing another's id would not run
+        raise pytest.UsageError(f"tests that share an id: {sorted(twice)}")
 
 
 @pytest.fixture(autouse=True)
