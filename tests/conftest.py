@@ -48,8 +48,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         # schemathesis names each operation's test `name[METHOD /path]`, but pytest 9.2 builds the id from the bare
         # original name: the operations shared one id, and pytest-xdist, which schedules by id, ran only one
-        if getattr(item, "operation_label", None) and item.name != item.originalname and item.nodeid.endswith(
-            "::" + item.originalname
+        if (
+            getattr(item, "operation_label", None)
+            and item.name != item.originalname
+            and item.nodeid.endswith("::" + item.originalname)
         ):
             item._id = item.parent.id.child(item.name)
     seen: set[str] = set()
