@@ -261,7 +261,8 @@ def test_a_client_that_aborts_its_upload_is_logged_as_client_closed_not_as_an_er
     after = _requests_total(server)
     assert after.get(str(CLIENT_CLOSED), 0) - before.get(str(CLIENT_CLOSED), 0) == 1
     assert not any(k.startswith("5") and after[k] != before.get(k, 0) for k in after)
-    line = next(json.loads(x) for x in server.output().splitlines() if '"request_id":"abort-me"' in x)
+    output = server.output_with('"request_id":"abort-me"')
+    line = next(json.loads(x) for x in output.splitlines() if '"request_id":"abort-me"' in x)
     assert line["status"] == CLIENT_CLOSED and line["error"] == "client_closed" and line["level"] == "info"
     assert "Traceback" not in server.output()
 
@@ -296,10 +297,13 @@ def test_an_exif_flood_costs_nothing_and_logs_nothing(server, png):
     is read now, with bounded work (service/exif.py), so its only log line is its access line."""
     data = exif_flood_png()
     mark = len(server.output())
-    for _ in range(3):
-        r = httpx.post(server.url + "/classify", content=data, headers={"Content-Type": "image/png"}, timeout=30)
+    ids = [f"exif-flood-{i}" for i in range(3)]
+    for request_id in ids:
+        headers = {"Content-Type": "image/png", "X-Request-Id": request_id}
+        r = httpx.post(server.url + "/classify", content=data, headers=headers, timeout=30)
         assert r.status_code == 200, r.text
-    time.sleep(0.2)
+    server.output_with(*(f'"request_id":"{i}"' for i in ids))
+    time.sleep(0.2)  # and anything else it would log about them
     records = [json.loads(line) for line in server.output()[mark:].splitlines()]
     assert [x["logger"] for x in records] == ["puppet.access"] * 3
 

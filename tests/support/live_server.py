@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 
@@ -40,6 +41,15 @@ class LiveServer(ServerProcess):
         if "request_deadline_ms" not in settings and "PUPPET_REQUEST_DEADLINE_MS" not in full_env:
             settings["request_deadline_ms"] = UNHURRIED_DEADLINE_MS
         super().__init__(settings, env=full_env, base_env=base_env, timeout=60, command=command, address=address)
+
+    def output_with(self, *texts: str, timeout: float = 10.0) -> str:
+        """What the server printed, once every one of `texts` is in it: a log line is written after its answer was
+        sent, so a client can read the output before the line of the request it just got back."""
+        deadline = time.monotonic() + timeout
+        while not all(t in (out := self.output()) for t in texts):
+            assert time.monotonic() < deadline, f"not logged within {timeout:g} s: {[t for t in texts if t not in out]}"
+            time.sleep(0.02)
+        return out
 
     def process_stats(self) -> dict[str, int]:
         """Resident memory (bytes), open file descriptors and threads of the server process, from /proc."""
