@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import yaml
-from test_image_install import SAMPLES, classify_samples, dockerfile_runtime_env
+from test_image_install import SAMPLES, TORCH_PIN, classify_samples, dockerfile_runtime_env
 
 from benchmarks.server_process import free_ports, wait_ready
 from conftest import REPO
@@ -41,7 +41,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ROOT = Path(REPO)
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")  # what python:3.11-slim-bookworm gives the Dockerfile
-TORCH_PIN = re.search(r"torch==[0-9.]+", (ROOT / "pyproject.toml").read_text())[0]
 CPU_REF = "localhost/puppet-cnn-serve:cpu-test"
 CPU_TAG = "puppet-cnn-serve:cpu"  # the tag docker-compose.cpu.yml gives the image
 BUILD_TIMEOUT_S = 3600  # a guard against a hung download, not a speed check

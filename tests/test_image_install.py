@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration  # every test here starts a server or anoth
 
 ROOT = Path(REPO)
 DOCKERFILE = ROOT / "Dockerfile"
+TORCH_PIN = re.search(r"torch==[0-9.]+", (ROOT / "pyproject.toml").read_text())[0]  # pyproject.toml's pin
 SAMPLES = sorted((ROOT / "samples" / "fashion-mnist").glob("*.png"))
 # What the Dockerfile's `wheel` stage copies to build the project's wheel (its build context for the project).
 PROJECT_FILES = ("pyproject.toml", "README.md", "model", "service")
@@ -160,7 +161,7 @@ def install_like_the_image(tmp: Path) -> Path:
     python = venv / "bin" / "python"
     # The CPU image installs pyproject.toml's torch pin from the CPU index; here pip's configured find-links hold the
     # same CPU wheel, so the plain pin gets it.
-    _pip(python, "install", re.search(r"torch==[0-9.]+", (ROOT / "pyproject.toml").read_text())[0])
+    _pip(python, "install", TORCH_PIN)
     # The wheel is built from a copy of what the Dockerfile copies, as in the image (and no build/ or *.egg-info
     # is left in the checkout: setuptools' build/lib would put modules deleted since into later wheels).
     src = tmp / "src"
